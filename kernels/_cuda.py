@@ -1,0 +1,60 @@
+"""Plumbing shared by the launchers: is there a GPU, compile a .cu once, check arguments.
+
+Kernel sources include no headers (NVRTC on the GPU machine lacks CUDA's crt/ headers), so the same
+file compiles under NVRTC at run time and under `nvcc -cubin -arch=sm_90` in the CPU test.
+"""
+import functools
+import os
+
+import numpy as np
+
+try:
+    import cupy as cp
+    HAVE_GPU = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no cupy, no driver, or no device: the numpy path serves
+    cp = None
+    HAVE_GPU = False
+
+KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def xp_of(a):
+    """numpy or cupy, whichever module owns array `a`."""
+    if cp is not None and isinstance(a, cp.ndarray):
+        return cp
+    return np
+
+
+def is_gpu(a):
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+@functools.lru_cache(maxsize=None)
+def module(filename, defines=()):
+    """Compile kernels/<filename> once per set of -D defines (tuple of 'NAME=VALUE')."""
+    with open(os.path.join(KERNEL_DIR, filename)) as f:
+        source = f.read()
+    options = ("--std=c++17",) + tuple(f"-D{d}" for d in defines)
+    return cp.RawModule(code=source, options=options)
+
+
+def kernel(filename, name, defines=()):
+    return module(filename, tuple(defines)).get_function(name)
+
+
+def check(cond, message):
+    """Launcher precondition: a clear ValueError instead of a wrong answer or a device fault."""
+    if not cond:
+        raise ValueError(message)
+
+
+def check_array(a, name, dtype, ndim=None, shape=None):
+    """A launcher argument must be a contiguous CuPy array of this dtype (and rank/shape)."""
+    check(is_gpu(a), f"{name}: expected a CuPy array, got {type(a).__name__}")
+    check(a.dtype == np.dtype(dtype), f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if ndim is not None:
+        check(a.ndim == ndim, f"{name}: rank {a.ndim} (shape {a.shape}), expected {ndim}")
+    if shape is not None:
+        for i, (got, want) in enumerate(zip(a.shape, shape)):
+            check(want is None or got == want, f"{name}: shape {a.shape}, dim {i} should be {want}")
+    check(a.flags.c_contiguous, f"{name}: must be C-contiguous (shape {a.shape}, strides {a.strides})")
