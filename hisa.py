@@ -1,0 +1,75 @@
+"""HISA: Hierarchical Indexed Sparse Attention, a drop-in for the DSA indexer's flat top-K (SPEC §6).
+
+DSA scores every earlier key for every query (O(L^2) per layer). HISA scores in two stages:
+
+  1. block stage: cut the keys into blocks of B positions, represent each block by the mean of its
+     (cached) indexer keys, score the means with the same queries and head weights as DSA,
+         J[t, b] = sum_j w[t,j] * ReLU(q[t,j] . k_mean[b]),
+     force the first block and the query's own block in (+inf), and keep the m best blocks;
+  2. token stage: the exact DSA score I[t, s] for every visible s inside the kept blocks only, and the
+     top K of those candidates become the selected set.
+
+While a query sees at most m*B keys every block is kept, so HISA returns exactly DSA's set; beyond that
+it reads (L/B + m*B) keys per query instead of L. The block-sparse baseline stops after stage 1 with
+m' = K/B blocks and attends to every token in them.
+
+The pooled keys live beside the indexer's key cache and grow with it: appending tokens re-pools only the
+blocks they touch (decode refreshes just the partial last block).
+"""
+import numpy as np
+
+from kernels._cuda import xp_of
+from kernels.hisa_tokens import hisa_token_scores, slots_to_positions
+from kernels.indexer import index_scores
+from kernels.pool import pool_blocks
+from kernels.topk import topk
+
+
+class PooledKeys:
+    """Block means of one layer's indexer key cache: fp8 bits with one scale per block, or fp32."""
+
+    def __init__(self, index_cache, B):
+        keys = index_cache["k"]
+        xp = xp_of(keys)
+        capacity, Di = keys.shape
+        n_blocks = -(-capacity // B)
+        self.index_cache, self.B = index_cache, B
+        self.k = xp.zeros((n_blocks, Di), keys.dtype)                             # (capacity/B, Di)
+        self.k_scale = None if index_cache["k_scale"] is None else xp.zeros(n_blocks, np.float32)
+
+    def update(self, start, S):
+        """Keys [start, S) were just appended: re-pool the blocks they touch."""
+        pool_blocks(self.index_cache["k"], self.index_cache["k_scale"], S, self.B, start // self.B, self.k, self.k_scale)
+
+
+def block_scores(q, q_scale, w, pooled, ends):
+    """J[t, b] over the blocks a query can see; first and own block +inf, future blocks -inf."""
+    xp = xp_of(q)
+    B = pooled.B
+    n_blocks = -(-int(ends.max()) // B)
+    own = (ends - 1) // B                                                         # (T,) block holding t
+    J = index_scores(q, w, pooled.k[:n_blocks], (own + 1).astype(np.int32), q_scale=q_scale,
+                     k_scale=None if q_scale is None else pooled.k_scale[:n_blocks])  # (T, n_blocks)
+    J[:, 0] = np.inf
+    J[xp.arange(len(own)), own] = np.inf
+    return J
+
+
+def select(q, q_scale, w, index_cache, pooled, ends, K, m):
+    """HISA's selected positions (T, K), ascending, -1 padded: top-m blocks, then exact top-K inside."""
+    blocks = topk(block_scores(q, q_scale, w, pooled, ends), m)                  # (T, m) ascending block ids
+    cand = hisa_token_scores(q, w, index_cache["k"], blocks, pooled.B, ends, q_scale=q_scale,
+                             key_scale=index_cache["k_scale"])                    # (T, m*B)
+    # blocks ascending and slots ascending keep candidates in position order, so ties still go to the
+    # lower position, exactly as in DSA's flat top-K
+    return slots_to_positions(topk(cand, K), blocks, pooled.B)                    # (T, K)
+
+
+def block_select(q, q_scale, w, pooled, ends, K):
+    """Block-sparse baseline: the best K/B blocks (first and own forced), every visible token in them."""
+    xp = xp_of(q)
+    B = pooled.B
+    blocks = topk(block_scores(q, q_scale, w, pooled, ends), max(1, K // B))      # (T, K/B)
+    pos = blocks[:, :, None] * B + xp.arange(B, dtype=np.int32)                   # (T, K/B, B)
+    valid = (blocks[:, :, None] >= 0) & (pos < ends[:, None, None])
+    return xp.where(valid, pos, -1).reshape(len(ends), -1).astype(np.int32)       # (T, K)

@@ -1,0 +1,646 @@
+// DSA indexer scores, fused: tensor-core dot products, ReLU, per-head weights and head sum in one pass.
+//
+//   I[t, s] = ks[s] * sum_h (w[t,h] * qs[t,h]) * ReLU(q[t,h,:] . k[s,:])    start[t] <= s < end[t]
+//   I[t, s] = -inf                                                         every other s in [0, N)
+//
+// fp8 kernels: q, k are e4m3 bytes with positive per-(t,h) and per-s scales qs, ks, so ks factors out of
+// the ReLU (applied after the head sum) and qs folds into w. bf16 kernels: qs = ks = 1 (not read).
+// The [T, HI, N] per-head logits never leave registers.
+//
+// Arguments (row-major, contiguous; HI and DI are compile-time -D defines, DI in {64, 128},
+// HI in {4, 8, 16, 32, 64}; DB = bytes per q/k row = DI for fp8, 2*DI for bf16):
+//   q      [T, HI, DI]  e4m3 bytes (fp8) or bf16 bit patterns (bf16); 16-byte aligned
+//   qs     float [T, HI]                       (fp8 only)
+//   w      float [T, HI]
+//   k      [N, DI]      e4m3 bytes or bf16 bits; 16-byte aligned
+//   ks     float [N]                           (fp8 only)
+//   starts, ends  int [T]; clamped here to [0, N], so a bad range cannot fault (the launcher checks)
+//   out    float [T, N]; every element is written (64-bit offsets: T*N may exceed 2^31)
+//   smem_bytes    the dynamic shared memory the launcher gave; the kernel traps if it is too small
+//
+// Launch: grid (ceil(T / QCTA), splits), block NTH threads, dynamic shared memory as computed by
+// kernels/indexer.py (_smem_bytes). CTA x owns the QCTA queries of block gridDim.x-1-x (late, long
+// causal rows first) and, with splits > 1, one slice of the key axis (whole BK tiles), so that a few
+// queries (decode) still spread over every SM. Per CTA:
+//   1. the union [lo, hi) of its rows' [start, end) ranges, cut to its key slice, in BK-key tiles;
+//      columns of the slice outside those tiles get -inf straight away (causal prefill: half the work
+//      skipped);
+//   2. a STAGES-deep cp.async ring streams k tiles into shared memory (16-byte chunks, XOR swizzle);
+//   3. tensor cores compute the [keys, query-heads] logits; ReLU, weight and head sum in registers
+//      (quad shuffles), per-(query, key) sums to a small shared buffer S;
+//   4. the previous tile's S goes out: masked to -inf outside each row's range, times ks, streaming stores.
+// Two tensor-core paths with the same plan:
+//   index_scores_wgmma_*  sm_90a warpgroup MMA (wgmma, real fp8 rate on Hopper). 2 warpgroups, 256
+//     threads. M = 64 keys per warpgroup from the shared k tile, N = NCOL query-head columns of Q, held
+//     in shared memory, K = DB bytes in 32-byte steps. Both operands K-major with the 128-byte (DB >= 128)
+//     or 64-byte (DB = 64) swizzle. "prefill": NCOL = 128, the warpgroups take different queries of one
+//     64-key tile, each QR Q blocks in turn (fp8 QR = 2: QCTA = 512/HI, 8 queries at HI = 64, so a k tile
+//     read from L2 feeds ~1000 tensor clocks; bf16 QR = 1: QCTA = 256/HI); "_decode": NCOL = 64, one set
+//     of queries, the warpgroups take the two halves of a 128-key tile (QCTA = 64/HI). The issuing
+//     warpgroup waits for its MMAs before its epilogue; tensor work overlaps the CUDA-core epilogue
+//     across the 2 warpgroups x 2 resident CTAs per SM. Built only for sm_90a; elsewhere they trap.
+//   index_scores_mma_*    mma.sync m16n8k16 (f16 for e4m3 data, converted exactly; bf16 as is), any
+//     sm_89+. NW warps, each owning 32 query-head columns with Q in registers; every warp sweeps the
+//     whole 64-key tile in m16 steps with ldmatrix. "prefill" NW = 8 (QCTA = 256/HI), "_decode" NW = 2
+//     (QCTA = 64/HI). When HI = 64 two warps share a query and S holds both halves. (On sm_90, fp8
+//     mma.sync is itself lowered to f16 HMMA, so this is the rate of the f16 path, about half of wgmma fp8.)
+//
+// NVRTC-compatible: no #include, no std::, extern "C" entry points.
+
+#ifndef HI
+#define HI 64
+#endif
+#ifndef DI
+#define DI 128
+#endif
+
+static_assert(HI == 4 || HI == 8 || HI == 16 || HI == 32 || HI == 64, "HI must be 4, 8, 16, 32 or 64");
+static_assert(DI == 64 || DI == 128, "DI must be 64 or 128");
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF __int_as_float(0xff800000)
+#define FULL_MASK 0xffffffffu
+
+extern __shared__ __align__(1024) u8 smem_raw[];
+
+// ---------------------------------------------------------------------------------------------------
+// Small PTX wrappers
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros (rows past the end).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Make this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to wgmma.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Output is written once and never re-read here: evict-first, keep L2 for the k tiles.
+__device__ __forceinline__ void st_stream(float* p, float v) {
+  asm volatile("st.global.cs.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
+}
+
+__device__ __forceinline__ void trap() { asm volatile("trap;"); }
+
+// Byte offset of 16-byte chunk x of row r in a shared tile of R rows of DB bytes. DB >= 128: DB/128
+// blocks of [R][128 B], chunk x of row r stored at (x ^ r) mod 8 (the wgmma 128-byte swizzle, 1024-byte
+// atoms). DB = 64: [R][64 B] with x ^ (r/2 mod 4) (the 64-byte swizzle, 512-byte atoms). Either way the
+// 8 rows of one ldmatrix 8x16B matrix fall in 8 different bank groups.
+template <int DB, int R>
+__device__ __forceinline__ int tile_off(int r, int x) {
+  if constexpr (DB >= 128) {
+    return (x >> 3) * (R * 128) + r * 128 + (((x & 7) ^ (r & 7)) << 4);
+  } else {
+    return r * 64 + ((x ^ ((r >> 1) & 3)) << 4);
+  }
+}
+
+// Rows [row0, row0 + R) of a [nrows, DB] byte matrix into a swizzled shared tile; missing rows are zeros.
+template <int DB, int R, int NTH>
+__device__ __forceinline__ void load_tile(u32 dst, const u8* __restrict__ src, long long row0, long long nrows,
+                                          int tid) {
+  constexpr int CPR = DB / 16;  // chunks per row
+#pragma unroll
+  for (int it = 0; it < (R * CPR + NTH - 1) / NTH; ++it) {
+    const int i = tid + it * NTH;
+    if ((R * CPR) % NTH != 0 && i >= R * CPR) break;
+    const int r = i / CPR, x = i % CPR;
+    const long long gr = row0 + r;
+    const bool ok = gr < nrows;
+    cp_async16(dst + tile_off<DB, R>(r, x), src + (ok ? gr : 0) * DB + x * 16, ok ? 16 : 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The CTA's plan: its rows' ranges, its key slice, the BK tiles it computes; -inf for the rest.
+
+struct Plan {
+  int t0;       // first query of the CTA
+  int c0, c1;   // the CTA's key slice [c0, c1), c0 a multiple of BK
+  int kt0, nt;  // tiles kt0 .. kt0+nt-1 are computed
+};
+
+template <int QCTA, int BK, int NTH>
+__device__ __forceinline__ Plan make_plan(const int* __restrict__ starts, const int* __restrict__ ends,
+                                          float* __restrict__ out, int T, int N, int* rs, int* re, int tid) {
+  Plan p;
+  p.t0 = (gridDim.x - 1 - blockIdx.x) * QCTA;
+  const int tiles = (N + BK - 1) / BK;
+  const int per_split = (tiles + gridDim.y - 1) / gridDim.y;
+  p.c0 = min((int)blockIdx.y * per_split, tiles) * BK;
+  p.c0 = min(p.c0, N);
+  p.c1 = min(p.c0 + per_split * BK, N);
+  for (int i = tid; i < QCTA; i += NTH) {
+    const int t = p.t0 + i;
+    int s = 0, e = 0;  // rows past T: empty
+    if (t < T) {
+      s = max(starts[t], 0);
+      e = min(ends[t], N);
+    }
+    rs[i] = s;
+    re[i] = e;
+  }
+  __syncthreads();
+  int lo = N, hi = 0;
+  for (int i = 0; i < QCTA; ++i) {
+    if (rs[i] < re[i]) {
+      lo = min(lo, rs[i]);
+      hi = max(hi, re[i]);
+    }
+  }
+  lo = max(lo, p.c0);
+  hi = min(hi, p.c1);
+  p.kt0 = 0;
+  p.nt = 0;
+  if (lo < hi) {
+    p.kt0 = lo / BK;
+    p.nt = (hi + BK - 1) / BK - p.kt0;
+  }
+  // -inf for the slice's columns outside the computed tiles.
+  const int fill_to = p.nt ? p.kt0 * BK : p.c1;                    // [c0, fill_to)
+  const int fill_from = p.nt ? min((p.kt0 + p.nt) * BK, p.c1) : p.c1;  // [fill_from, c1)
+  for (int i = 0; i < QCTA; ++i) {
+    const int t = p.t0 + i;
+    if (t >= T) break;
+    float* row = out + (long long)t * N;
+    for (int s = p.c0 + tid; s < fill_to; s += NTH) st_stream(row + s, NEG_INF);
+    for (int s = fill_from + tid; s < p.c1; s += NTH) st_stream(row + s, NEG_INF);
+  }
+  return p;
+}
+
+// One finished tile: S holds NPART partial head sums per (query, key); mask, scale by ks, store.
+template <bool FP8, int QCTA, int BK, int NPART, int NTH>
+__device__ __forceinline__ void write_tile(const Plan& p, int kbase, const float* S, const int* rs, const int* re,
+                                           const float* __restrict__ ks, float* __restrict__ out, int T, int N,
+                                           int tid) {
+#pragma unroll 4
+  for (int i = tid; i < QCTA * BK; i += NTH) {
+    const int ql = i / BK, c = i % BK;
+    const int t = p.t0 + ql, s = kbase + c;
+    if (t >= T || s >= p.c1) continue;
+    float v = NEG_INF;
+    if (s >= rs[ql] && s < re[ql]) {
+      v = S[i];
+      if constexpr (NPART == 2) v += S[QCTA * BK + i];
+      if constexpr (FP8) v *= ks[s];
+    }
+    st_stream(out + (long long)t * N + s, v);
+  }
+}
+
+// Head sum of an m16 x (NT*8) accumulator block in the mma/wgmma C layout: this thread holds rows
+// g = lane/4 and g+8, columns 8j + 2t + {0,1} (t = lane%4) in acc[4j + {0,1}] and acc[4j + {2,3}].
+// Column n of the block is head n % HI of query q0 + n / HI (when HI > NT*8 the block is part of one
+// query). wcol: the block's weights (w*qs) in shared memory. Writes sum_h w ReLU(logit) to
+// S[q * BK + row] and S[q * BK + row + 8].
+template <int NT, int BK>
+__device__ __forceinline__ void head_sum(const float* acc, const float* wcol, float* S, int q0, int row, int lane) {
+  const int t = lane & 3;
+  if constexpr (HI >= 8) {
+    constexpr int TPQ = (HI / 8 < NT) ? HI / 8 : NT;  // n8 tiles per query (in this block)
+#pragma unroll
+    for (int qi = 0; qi < NT / TPQ; ++qi) {
+      float a = 0.f, b = 0.f;
+#pragma unroll
+      for (int jj = 0; jj < TPQ; ++jj) {
+        const int j = qi * TPQ + jj;
+        const float2 wv = *reinterpret_cast<const float2*>(wcol + 8 * j + 2 * t);
+        a += wv.x * fmaxf(acc[4 * j + 0], 0.f) + wv.y * fmaxf(acc[4 * j + 1], 0.f);
+        b += wv.x * fmaxf(acc[4 * j + 2], 0.f) + wv.y * fmaxf(acc[4 * j + 3], 0.f);
+      }
+      a += __shfl_xor_sync(FULL_MASK, a, 1);
+      b += __shfl_xor_sync(FULL_MASK, b, 1);
+      a += __shfl_xor_sync(FULL_MASK, a, 2);
+      b += __shfl_xor_sync(FULL_MASK, b, 2);
+      if (t == 0) {
+        S[(q0 + qi) * BK + row] = a;
+        S[(q0 + qi) * BK + row + 8] = b;
+      }
+    }
+  } else {  // HI == 4: an n8 tile holds two queries, lanes t = 0,1 the first and t = 2,3 the second
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const float2 wv = *reinterpret_cast<const float2*>(wcol + 8 * j + 2 * t);
+      float a = wv.x * fmaxf(acc[4 * j + 0], 0.f) + wv.y * fmaxf(acc[4 * j + 1], 0.f);
+      float b = wv.x * fmaxf(acc[4 * j + 2], 0.f) + wv.y * fmaxf(acc[4 * j + 3], 0.f);
+      a += __shfl_xor_sync(FULL_MASK, a, 1);
+      b += __shfl_xor_sync(FULL_MASK, b, 1);
+      if ((t & 1) == 0) {
+        const int qq = q0 + 2 * j + (t >> 1);
+        S[qq * BK + row] = a;
+        S[qq * BK + row + 8] = b;
+      }
+    }
+  }
+}
+
+// Per-column weights w * qs (0 past the last query) into shared memory.
+template <bool FP8, int NTH>
+__device__ __forceinline__ void load_weights(float* W, int ncols, const float* __restrict__ w,
+                                             const float* __restrict__ qs, long long row0, long long nrows, int tid) {
+  for (int n = tid; n < ncols; n += NTH) {
+    const long long r = row0 + n;
+    float v = 0.f;
+    if (r < nrows) {
+      v = w[r];
+      if constexpr (FP8) v *= qs[r];
+    }
+    W[n] = v;
+  }
+}
+
+#define INDEXER_PARAMS                                                                                   \
+  const u8 *__restrict__ q, const float *__restrict__ qs, const float *__restrict__ w,                  \
+      const u8 *__restrict__ k, const float *__restrict__ ks, const int *__restrict__ starts,           \
+      const int *__restrict__ ends, float *__restrict__ out, int T, int N, int smem_bytes
+#define INDEXER_ARGS q, qs, w, k, ks, starts, ends, out, T, N, smem_bytes
+
+// ---------------------------------------------------------------------------------------------------
+// mma.sync path (sm_89+)
+
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v16) {  // low byte -> low half
+  u32 r;
+  const u16 h = (u16)v16;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(h));
+  return r;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+template <bool FP8>
+__device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) {
+  if constexpr (FP8) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// K-order bookkeeping: a 32-byte chunk c of a row holds k = 32c..32c+31 (fp8) or 16c..16c+15 (bf16).
+// ldmatrix.x4 of rows m..m+15 x chunk c gives each thread (g = lane/4, t = lane%4) the 4-byte words
+// r0 = (row g, bytes 4t..), r1 = (row g+8, bytes 4t..), r2 = (row g, bytes 16+4t..), r3 = (row g+8,
+// bytes 16+4t..): exactly the m16n8k16 A fragment for bf16. For e4m3 each word holds 4 values; its low
+// two (converted to f16x2) form one k16 step and its high two a second one. The dot product does not
+// care in which order k is summed, so Q's B fragment only has to use the same split: per column
+// (row g of Q) the words at bytes 4t and 16+4t of chunk c, low halves for step 2c, high for 2c+1.
+template <bool FP8, int NW>
+__device__ __forceinline__ void mma_body(INDEXER_PARAMS) {
+  constexpr int DB = FP8 ? DI : 2 * DI;
+  constexpr int NTH = NW * 32;
+  constexpr int COLS = NW * 32;                   // query-head columns of the CTA
+  static_assert(COLS % HI == 0, "a CTA holds whole queries");
+  constexpr int QCTA = COLS / HI;
+  constexpr int NPART = HI > 32 ? HI / 32 : 1;    // warps per query
+  constexpr int BK = 64, STAGES = 4;
+  constexpr int CHUNKS = DB / 32, KSTEPS = DI / 16;
+  constexpr int K_BYTES = BK * DB;
+  constexpr int OFF_S = STAGES * K_BYTES;
+  constexpr int S_FLOATS = NPART * QCTA * BK;     // one buffer
+  constexpr int OFF_W = OFF_S + 2 * S_FLOATS * 4;
+  constexpr int OFF_R = OFF_W + COLS * 4;
+  constexpr int SMEM = OFF_R + 2 * QCTA * 4;
+  if (smem_bytes < SMEM) trap();
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  u8* sm = smem_raw;
+  const u32 k_s = smem_addr(sm);
+  float* S = reinterpret_cast<float*>(sm + OFF_S);
+  float* W = reinterpret_cast<float*>(sm + OFF_W);
+  int* rs = reinterpret_cast<int*>(sm + OFF_R);
+  int* re = rs + QCTA;
+
+  const Plan p = make_plan<QCTA, BK, NTH>(starts, ends, out, T, N, rs, re, tid);
+  if (p.nt == 0) return;
+
+  const long long qrows = (long long)T * HI, row0 = (long long)p.t0 * HI;
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < p.nt) load_tile<DB, BK, NTH>(k_s + s * K_BYTES, k, (long long)(p.kt0 + s) * BK, N, tid);
+    cp_async_commit();
+  }
+  load_weights<FP8, NTH>(W, COLS, w, qs, row0, qrows, tid);
+
+  // This warp's 32 columns of Q as B fragments, straight from global memory.
+  u32 qf[4][KSTEPS][2];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const long long r = row0 + warp * 32 + 8 * j + g;
+    const bool ok = r < qrows;
+    const u8* qp = q + (ok ? r : 0) * DB;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const u32 w0 = ok ? *reinterpret_cast<const u32*>(qp + 32 * c + 4 * tq) : 0u;
+      const u32 w1 = ok ? *reinterpret_cast<const u32*>(qp + 32 * c + 16 + 4 * tq) : 0u;
+      if constexpr (FP8) {
+        qf[j][2 * c][0] = e4m3x2_to_f16x2(w0);
+        qf[j][2 * c][1] = e4m3x2_to_f16x2(w1);
+        qf[j][2 * c + 1][0] = e4m3x2_to_f16x2(w0 >> 16);
+        qf[j][2 * c + 1][1] = e4m3x2_to_f16x2(w1 >> 16);
+      } else {
+        qf[j][c][0] = w0;
+        qf[j][c][1] = w1;
+      }
+    }
+  }
+  const int q0 = warp * 32 / HI, part = NPART > 1 ? warp % NPART : 0;
+  const float* wcol = W + warp * 32;
+  // ldmatrix source row/chunk of this lane within an m16 x 32-byte block
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lchunk = lane >> 4;
+
+  for (int it = 0; it < p.nt; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile it landed for all; tile it-1's stage and S buffer are free again
+    if (it + STAGES - 1 < p.nt)
+      load_tile<DB, BK, NTH>(k_s + ((it + STAGES - 1) % STAGES) * K_BYTES, k,
+                             (long long)(p.kt0 + it + STAGES - 1) * BK, N, tid);
+    cp_async_commit();
+
+    const u32 stage = k_s + (it % STAGES) * K_BYTES;
+    float* Sb = S + (it & 1) * S_FLOATS + part * QCTA * BK;
+#pragma unroll 1
+    for (int m = 0; m < BK / 16; ++m) {
+      float acc[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) {
+        u32 a[4];
+        ldmatrix_x4(a, stage + tile_off<DB, BK>(m * 16 + lrow, 2 * c + lchunk));
+        if constexpr (FP8) {
+          u32 lo[4], hi[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            lo[i] = e4m3x2_to_f16x2(a[i]);
+            hi[i] = e4m3x2_to_f16x2(a[i] >> 16);
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_16816<true>(acc + 4 * j, lo, qf[j][2 * c]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_16816<true>(acc + 4 * j, hi, qf[j][2 * c + 1]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_16816<false>(acc + 4 * j, a, qf[j][c]);
+        }
+      }
+      head_sum<4, BK>(acc, wcol, Sb, q0, m * 16 + g, lane);
+    }
+    if (it > 0)
+      write_tile<FP8, QCTA, BK, NPART, NTH>(p, (p.kt0 + it - 1) * BK, S + ((it - 1) & 1) * S_FLOATS, rs, re, ks,
+                                            out, T, N, tid);
+  }
+  __syncthreads();
+  write_tile<FP8, QCTA, BK, NPART, NTH>(p, (p.kt0 + p.nt - 1) * BK, S + ((p.nt - 1) & 1) * S_FLOATS, rs, re, ks,
+                                        out, T, N, tid);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// wgmma path (sm_90a only)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Shared-memory matrix descriptor, K-major operand with a swizzle: start address, leading byte offset
+// (unused by swizzled K-major layouts; 16), stride byte offset = bytes between 8-row core-matrix groups,
+// swizzle mode in bits 62-63 (1: 128-byte, 2: 64-byte). Address fields are in 16-byte units.
+template <int DB>
+__device__ __forceinline__ u64 make_desc(u32 addr) {
+  constexpr u64 SBO = DB >= 128 ? 1024 : 512;
+  constexpr u64 SWZ = DB >= 128 ? 1 : 2;
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((SBO >> 4) << 32) | (SWZ << 62);
+}
+
+// Byte offset, inside a swizzled tile of R rows, of the 32-byte k step c for rows starting at row0
+// (row0 a multiple of 8): the hardware applies the XOR swizzle to the final address, so stepping k
+// inside a 128-byte (64-byte) row is a plain +32 bytes on the start address.
+template <int DB, int R>
+__device__ __forceinline__ int kstep_off(int row0, int c) {
+  if constexpr (DB >= 128) {
+    return (c >> 2) * (R * 128) + row0 * 128 + (c & 3) * 32;
+  } else {
+    return row0 * 64 + c * 32;
+  }
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Keep the compiler from moving accumulator reads or writes across the async MMA's issue and wait.
+template <int NR>
+__device__ __forceinline__ void fence_regs(float* d) {
+#pragma unroll
+  for (int i = 0; i < NR; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D[64 x n] (+)= A[64 x k] * B[n x k]^T, A and B K-major in shared memory (descriptors); accumulate = 0
+// overwrites D. D layout: warp v of the warpgroup holds rows 16v + lane/4 (+8); d[4j + {0,1}] are
+// columns 8j + 2(lane%4) + {0,1} of the first row, d[4j + {2,3}] of the second.
+__device__ __forceinline__ void wgmma_fp8_n64(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1; }"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_fp8_n128(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1; }"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_bf16_n64(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0; }"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_bf16_n128(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 0; }"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <bool FP8, int NCOL>
+__device__ __forceinline__ void wgmma_step(float* d, u64 da, u64 db, int accumulate) {
+  if constexpr (FP8 && NCOL == 64) wgmma_fp8_n64(d, da, db, accumulate);
+  if constexpr (FP8 && NCOL == 128) wgmma_fp8_n128(d, da, db, accumulate);
+  if constexpr (!FP8 && NCOL == 64) wgmma_bf16_n64(d, da, db, accumulate);
+  if constexpr (!FP8 && NCOL == 128) wgmma_bf16_n128(d, da, db, accumulate);
+}
+
+// QG query groups x KS key halves = 2 warpgroups. Warpgroup wg takes key rows (KS == 2 ? wg : 0) * 64
+// .. +63 of the BK = 64*KS key tile and, one after the other (QR rounds, reusing the accumulators), the
+// Q blocks (QG == 2 ? wg : 0) * QR .. +QR-1 of NCOL columns each. More rounds = more queries per k tile
+// = less L2 traffic per FLOP (at the fp8 rate a 64-key tile feeds 8 queries in ~1000 tensor clocks).
+template <bool FP8, int NCOL, int QG, int KS, int QR>
+__device__ __forceinline__ void wgmma_body(INDEXER_PARAMS) {
+  static_assert(QG * KS == 2, "two warpgroups");
+  constexpr int DB = FP8 ? DI : 2 * DI;
+  constexpr int NTH = 256, BK = 64 * KS, STAGES = 4, CHUNKS = DB / 32;
+  static_assert(NCOL % HI == 0, "a warpgroup holds whole queries");
+  constexpr int QB = QG * QR;  // Q blocks of NCOL columns
+  constexpr int QCTA = QB * NCOL / HI;
+  constexpr int Q_BLK = NCOL * DB, K_BYTES = BK * DB;  // multiples of 1024: swizzle atoms stay aligned
+  constexpr int OFF_K = QB * Q_BLK;
+  constexpr int OFF_S = OFF_K + STAGES * K_BYTES;
+  constexpr int S_FLOATS = QCTA * BK;
+  constexpr int OFF_W = OFF_S + 2 * S_FLOATS * 4;
+  constexpr int OFF_R = OFF_W + QB * NCOL * 4;
+  constexpr int SMEM = OFF_R + 2 * QCTA * 4 + 1024;  // + worst-case alignment of the base to 1024
+  if (smem_bytes < SMEM) trap();
+
+  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wv = (tid >> 5) & 3;
+  const u32 raw = smem_addr(smem_raw);
+  const u32 pad = (1024 - (raw & 1023)) & 1023;
+  u8* sm = smem_raw + pad;
+  const u32 base = raw + pad;
+  const u32 q_s = base, k_s = base + OFF_K;
+  float* S = reinterpret_cast<float*>(sm + OFF_S);
+  float* W = reinterpret_cast<float*>(sm + OFF_W);
+  int* rs = reinterpret_cast<int*>(sm + OFF_R);
+  int* re = rs + QCTA;
+
+  const Plan p = make_plan<QCTA, BK, NTH>(starts, ends, out, T, N, rs, re, tid);
+  if (p.nt == 0) return;
+
+  const long long qrows = (long long)T * HI, row0 = (long long)p.t0 * HI;
+#pragma unroll
+  for (int b = 0; b < QB; ++b) load_tile<DB, NCOL, NTH>(q_s + b * Q_BLK, q, row0 + b * NCOL, qrows, tid);
+  for (int s = 0; s < STAGES - 1; ++s) {  // Q rides in group 0 with the first k tile
+    if (s < p.nt) load_tile<DB, BK, NTH>(k_s + s * K_BYTES, k, (long long)(p.kt0 + s) * BK, N, tid);
+    cp_async_commit();
+  }
+  load_weights<FP8, NTH>(W, QB * NCOL, w, qs, row0, qrows, tid);
+
+  const int b0 = (QG == 2 ? wg : 0) * QR, kh = KS == 2 ? wg : 0;
+  const int row = kh * 64 + wv * 16 + (lane >> 2);  // this thread's first key row in the tile
+  float acc[NCOL / 2];
+
+  for (int it = 0; it < p.nt; ++it) {
+    cp_async_wait<STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();  // tile it landed for all; tile it-1's stage and S buffer are free again
+    if (it + STAGES - 1 < p.nt)
+      load_tile<DB, BK, NTH>(k_s + ((it + STAGES - 1) % STAGES) * K_BYTES, k,
+                             (long long)(p.kt0 + it + STAGES - 1) * BK, N, tid);
+    cp_async_commit();
+
+    const u32 stage = k_s + (it % STAGES) * K_BYTES;
+#pragma unroll
+    for (int r = 0; r < QR; ++r) {
+      const int b = b0 + r;
+      fence_regs<NCOL / 2>(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) {
+        const u64 da = make_desc<DB>(stage + kstep_off<DB, BK>(kh * 64, c));
+        const u64 db = make_desc<DB>(q_s + b * Q_BLK + kstep_off<DB, NCOL>(0, c));
+        wgmma_step<FP8, NCOL>(acc, da, db, c > 0);
+      }
+      wgmma_commit();
+      wgmma_wait0();
+      fence_regs<NCOL / 2>(acc);
+      head_sum<NCOL / 8, BK>(acc, W + b * NCOL, S + (it & 1) * S_FLOATS, b * (NCOL / HI), row, lane);
+    }
+    if (it > 0)
+      write_tile<FP8, QCTA, BK, 1, NTH>(p, (p.kt0 + it - 1) * BK, S + ((it - 1) & 1) * S_FLOATS, rs, re, ks, out,
+                                        T, N, tid);
+  }
+  __syncthreads();
+  write_tile<FP8, QCTA, BK, 1, NTH>(p, (p.kt0 + p.nt - 1) * BK, S + ((p.nt - 1) & 1) * S_FLOATS, rs, re, ks, out,
+                                    T, N, tid);
+}
+
+#define WGMMA_BODY(...) wgmma_body<__VA_ARGS__>(INDEXER_ARGS)
+#else
+#define WGMMA_BODY(...) trap()  // wgmma needs sm_90a: launching these elsewhere is a bug
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Entry points
+
+extern "C" __global__ void __launch_bounds__(256, 2) index_scores_wgmma_fp8(INDEXER_PARAMS) {
+  WGMMA_BODY(true, 128, 2, 1, 2);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) index_scores_wgmma_fp8_decode(INDEXER_PARAMS) {
+  WGMMA_BODY(true, 64, 1, 2, 1);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) index_scores_wgmma_bf16(INDEXER_PARAMS) {
+  WGMMA_BODY(false, 128, 2, 1, 1);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) index_scores_wgmma_bf16_decode(INDEXER_PARAMS) {
+  WGMMA_BODY(false, 64, 1, 2, 1);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) index_scores_mma_fp8(INDEXER_PARAMS) {
+  mma_body<true, 8>(INDEXER_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(64, 4) index_scores_mma_fp8_decode(INDEXER_PARAMS) {
+  mma_body<true, 2>(INDEXER_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) index_scores_mma_bf16(INDEXER_PARAMS) {
+  mma_body<false, 8>(INDEXER_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(64, 4) index_scores_mma_bf16_decode(INDEXER_PARAMS) {
+  mma_body<false, 2>(INDEXER_ARGS);
+}

@@ -1,0 +1,676 @@
+"""DeepSeek-V3.2 inference in numpy (CPU) or CuPy (GPU): config, building blocks, MLA with the DSA
+indexer, MoE, the model, generation and the command line. The exact definition we follow is
+shared/SPEC.md; section numbers below (SPEC §n) point into it.
+
+Shape letters, used in the trailing comments:
+  T  tokens in this forward          S  cache positions after it (S = start + T)
+  D  hidden_size                     V  vocab_size
+  H  attention heads                 C  kv_lora_rank (the latent)      Q  q_lora_rank
+  N  qk_nope_head_dim                R  qk_rope_head_dim               Dv v_head_dim
+  Hi index_n_heads                   Di index_head_dim                 K  index_topk
+  E  routed experts                  F  an MLP's inner width
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import hisa
+from kernels._cuda import HAVE_GPU, xp_of
+from kernels.fp8 import dequant_weight, e4m3_encode, fp8_roundtrip, quantize_ue8m0
+from kernels.indexer import index_scores
+from kernels.sparse_mla import sparse_mla
+from kernels.topk import topk
+from weights.checkpoint import Checkpoint
+from weights.random_checkpoint import tensor_shapes
+from weights.safetensors import CheckpointError
+
+INDEXERS = ("dense", "dsa", "hisa", "block")
+
+
+class ConfigError(ValueError):
+    """config.json lacks a field or holds a value the engine cannot use."""
+
+
+class InputError(ValueError):
+    """A prompt or a request the model cannot serve (too long, empty, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration (SPEC §1): field names are the checkpoint's config.json keys
+
+@dataclasses.dataclass
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    first_k_dense_replace: int
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    max_position_embeddings: int
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # yarn parameters, or None for plain RoPE
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    @classmethod
+    def from_dict(cls, d, where="config.json"):
+        d = dict(d)
+        if "rope_scaling" not in d and "rope_parameters" in d:  # newer configs use this name
+            d["rope_scaling"] = d["rope_parameters"]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [n for n in required if d.get(n) is None]
+        if missing:
+            raise ConfigError(f"{where}: missing required field(s) {', '.join(missing)}")
+        cfg = cls(**{n: d[n] for n in fields if d.get(n) is not None})
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(f"{where}: {msg}")
+        need(self.n_routed_experts % self.n_group == 0,
+             f"n_routed_experts {self.n_routed_experts} is not a multiple of n_group {self.n_group}")
+        need(self.topk_group <= self.n_group, f"topk_group {self.topk_group} > n_group {self.n_group}")
+        need(self.num_experts_per_tok <= self.n_routed_experts // self.n_group * self.topk_group,
+             f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of {self.topk_group} groups")
+        need(self.qk_rope_head_dim % 2 == 0 and self.qk_rope_head_dim <= self.index_head_dim,
+             f"qk_rope_head_dim {self.qk_rope_head_dim} must be even and <= index_head_dim {self.index_head_dim}")
+        need(self.index_head_dim & (self.index_head_dim - 1) == 0,
+             f"index_head_dim {self.index_head_dim} must be a power of two (Hadamard transform)")
+        need(self.index_head_dim <= 128, f"index_head_dim {self.index_head_dim} > 128 (one FP8 scale per head)")
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("type", rs.get("rope_type"))
+            if kind not in ("yarn", "default", None):
+                raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported (yarn or none)")
+            if kind == "yarn":
+                for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+                    need(k in rs, f"rope_scaling (yarn) lacks {k}")
+
+    @property
+    def yarn(self):
+        rs = self.rope_scaling
+        return rs if rs and rs.get("type", rs.get("rope_type")) == "yarn" else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks (SPEC §3)
+
+def rms_norm(x, w, eps):
+    x = x.astype(np.float32)
+    return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(eps))
+
+
+def layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + np.float32(eps)) * w + b
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def rope_frequencies(cfg):
+    """f_i = theta^(-2i/R), bent towards f_i/factor below the YaRN ramp (SPEC §3)."""
+    R = cfg.qk_rope_head_dim
+    f = cfg.rope_theta ** (-np.arange(0, R, 2, dtype=np.float64) / R)  # (R/2,)
+    yarn = cfg.yarn
+    if yarn is None:
+        return f
+    orig, factor = yarn["original_max_position_embeddings"], yarn["factor"]
+
+    def d(r):  # the dimension whose wavelength fits r rotations into the original context
+        return R * math.log(orig / (2 * math.pi * r)) / (2 * math.log(cfg.rope_theta))
+    low = max(math.floor(d(yarn["beta_fast"])), 0)
+    high = min(math.ceil(d(yarn["beta_slow"])), R - 1)
+    if high == low:
+        high += 0.001  # as the released code does, to avoid a zero-width ramp
+    ramp = np.clip((np.arange(R // 2) - low) / (high - low), 0, 1)
+    return f / factor * ramp + f * (1 - ramp)
+
+
+def attention_scale(cfg):
+    """(N+R)^-0.5, times m^2 with YaRN, m = 0.1 * mscale_all_dim * ln(factor) + 1 (SPEC §4)."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    yarn = cfg.yarn
+    if yarn is not None and yarn["factor"] > 1:
+        m = 0.1 * yarn.get("mscale_all_dim", 1.0) * math.log(yarn["factor"]) + 1
+        scale *= m * m
+    return scale
+
+
+def rope(x, cos, sin, interleaved):
+    """Rotate pairs of the last dim by the angles in cos/sin [T, R/2]; x [T, ..., R].
+    interleaved pairs (x[2i], x[2i+1]) for MLA, half-split pairs (x[i], x[i+R/2]) for the indexer."""
+    xp = xp_of(x)
+    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    c, s = cos.reshape(shape), sin.reshape(shape)
+    if interleaved:
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return xp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1).reshape(x.shape)
+    half = x.shape[-1] // 2
+    x0, x1 = x[..., :half], x[..., half:]
+    return xp.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+
+
+def hadamard(n):
+    """Orthonormal Walsh-Hadamard matrix of size n (Sylvester order), scaled by n^-0.5."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / math.sqrt(n)).astype(np.float32)
+
+
+def linear(x, w):
+    return x @ w.T  # w is [out, in], as stored
+
+
+# ----------------------------------------------------------------------------------------------------
+# The DSA "lightning" indexer (SPEC §5)
+
+class Indexer:
+    """Scores every visible key for each query with a few small ReLU heads; keeps the top K.
+
+    The key cache it owns holds, per position, the key as the scores use it: in "fp8" precision the
+    e4m3 bits of the Hadamard-rotated key and its power-of-two scale (Di + 4 bytes), in "float"
+    precision the fp32 key. HISA (hisa.py) reads the same cache and keeps its block means beside it.
+    """
+
+    def __init__(self, cfg, p, precision):
+        self.cfg, self.precision = cfg, precision
+        self.wq_b, self.wk = p["wq_b.weight"], p["wk.weight"]                 # (Hi*Di, Q), (Di, D)
+        self.k_norm_w, self.k_norm_b = p["k_norm.weight"], p["k_norm.bias"]  # (Di,)
+        self.weights_proj = p["weights_proj.weight"]                         # (Hi, D)
+        xp = xp_of(self.wk)
+        self.hadamard = xp.asarray(hadamard(cfg.index_head_dim))
+
+    def new_cache(self, xp, capacity):
+        Di = self.cfg.index_head_dim
+        if self.precision == "fp8":
+            return {"k": xp.zeros((capacity, Di), np.uint8), "k_scale": xp.zeros(capacity, np.float32)}
+        return {"k": xp.zeros((capacity, Di), np.float32), "k_scale": None}
+
+    def queries_and_keys(self, x, c_q, cos, sin):
+        """q [T, Hi, Di], w [T, Hi] and k [T, Di], in the form the scores use (SPEC §5)."""
+        cfg, T = self.cfg, x.shape[0]
+        Hi, Di, R = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        q = linear(c_q, self.wq_b).reshape(T, Hi, Di)                             # (T, Hi, Di)
+        k = layer_norm(linear(x, self.wk), self.k_norm_w, self.k_norm_b, cfg.rms_norm_eps)  # (T, Di)
+        xp = xp_of(q)
+        # the FIRST R dims carry position, rotated in half-split pairs (unlike MLA)
+        q = xp.concatenate([rope(q[..., :R], cos, sin, interleaved=False), q[..., R:]], axis=-1)
+        k = xp.concatenate([rope(k[:, :R], cos, sin, interleaved=False), k[:, R:]], axis=-1)
+        w = linear(x, self.weights_proj) * np.float32(Hi ** -0.5 * Di ** -0.5)      # (T, Hi)
+        return q, w.astype(np.float32), k
+
+    def __call__(self, x, c_q, cos, sin, cache, start):
+        """Append this chunk's keys to the cache; return (q, q_scale, w) for scoring against it."""
+        q, w, k = self.queries_and_keys(x, c_q, cos, sin)
+        S = start + x.shape[0]
+        if self.precision == "fp8":
+            # rotate by H (q.k unchanged in exact arithmetic; it spreads outliers before FP8)
+            q8, q_scale = quantize_ue8m0(q @ self.hadamard)                         # (T, Hi, Di), (T, Hi, 1)
+            k8, k_scale = quantize_ue8m0(k @ self.hadamard)                         # (T, Di), (T, 1)
+            cache["k"][start:S] = e4m3_encode(k8)
+            cache["k_scale"][start:S] = k_scale[:, 0]
+            return e4m3_encode(q8), q_scale[..., 0], w
+        cache["k"][start:S] = k
+        return q.astype(np.float32), None, w
+
+    def scores(self, q, q_scale, w, cache, S, ends):
+        """I[t, s] = sum_j w[t,j] ReLU(q[t,j] . k[s]) for s < ends[t], -inf after."""
+        return index_scores(q, w, cache["k"][:S], ends, q_scale=q_scale,
+                            k_scale=None if q_scale is None else cache["k_scale"][:S])  # (T, S)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-head latent attention (SPEC §4)
+
+class MLA:
+    def __init__(self, cfg, p, precision):
+        self.cfg, self.precision = cfg, precision
+        self.q_a_proj, self.q_a_layernorm = p["q_a_proj.weight"], p["q_a_layernorm.weight"]
+        self.q_b_proj = p["q_b_proj.weight"]                                     # (H*(N+R), Q)
+        self.kv_a_proj = p["kv_a_proj_with_mqa.weight"]                          # (C+R, D)
+        self.kv_a_layernorm = p["kv_a_layernorm.weight"]
+        self.kv_b_proj = p["kv_b_proj.weight"]                                   # (H*(N+Dv), C)
+        self.o_proj = p["o_proj.weight"]                                         # (D, H*Dv)
+        H, N, Dv, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        w = self.kv_b_proj.reshape(H, N + Dv, C)
+        self.w_uk, self.w_uv = w[:, :N], w[:, N:]                                 # (H, N, C), (H, Dv, C)
+        self.scale = attention_scale(cfg)
+        self.indexer = Indexer(cfg, {k[8:]: v for k, v in p.items() if k.startswith("indexer.")}, precision)
+
+    def new_cache(self, xp, capacity):
+        cfg = self.cfg
+        return {"c_kv": xp.zeros((capacity, cfg.kv_lora_rank), np.float32),
+                "k_pe": xp.zeros((capacity, cfg.qk_rope_head_dim), np.float32),
+                "index": self.indexer.new_cache(xp, capacity)}
+
+    def __call__(self, x, cos, sin, cache, start, selector, form):
+        cfg, T = self.cfg, x.shape[0]
+        H, N, R, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        S = start + T
+        xp = xp_of(x)
+        c_q = rms_norm(linear(x, self.q_a_proj), self.q_a_layernorm, cfg.rms_norm_eps)    # (T, Q)
+        q = linear(c_q, self.q_b_proj).reshape(T, H, N + R)
+        q_nope, q_pe = q[..., :N], rope(q[..., N:], cos, sin, interleaved=True)           # (T, H, N), (T, H, R)
+        kv = linear(x, self.kv_a_proj)                                                    # (T, C+R)
+        c_kv = rms_norm(kv[:, :C], self.kv_a_layernorm, cfg.rms_norm_eps)                 # (T, C)
+        if self.precision == "fp8":
+            c_kv = fp8_roundtrip(c_kv, 128)  # what the deployed FP8 latent cache holds
+        cache["c_kv"][start:S] = c_kv
+        cache["k_pe"][start:S] = rope(kv[:, C:], cos, sin, interleaved=True)              # (T, R)
+
+        # which cached positions each query attends to: None means all causal ones (dense)
+        selected = selector(self.indexer, x, c_q, cos, sin, cache["index"], start)        # (T, K') or None
+        if form == "auto":
+            form = "absorbed" if (T == 1 or (selected is not None and xp is not np)) else "expanded"
+        if form == "expanded":
+            o = self.expanded(q_nope, q_pe, cache, start, selected)
+        else:
+            o = self.absorbed(q_nope, q_pe, cache, start, selected)
+        return linear(o.reshape(T, -1), self.o_proj)                                      # (T, D)
+
+    def expanded(self, q_nope, q_pe, cache, start, selected):
+        """Prefill form: up-project every cached latent to per-head keys and values."""
+        cfg = self.cfg
+        T, H, N = q_nope.shape
+        S = start + T
+        xp = xp_of(q_nope)
+        kv = linear(cache["c_kv"][:S], self.kv_b_proj).reshape(S, H, N + cfg.v_head_dim)
+        k_nope, v = kv[..., :N], kv[..., N:]                                              # (S, H, N), (S, H, Dv)
+        score = (xp.einsum("thn,shn->hts", q_nope, k_nope)
+                 + xp.einsum("thr,sr->hts", q_pe, cache["k_pe"][:S])) * np.float32(self.scale)  # (H, T, S)
+        visible = xp.arange(S)[None, :] <= (start + xp.arange(T))[:, None]               # (T, S) causal
+        if selected is not None:
+            visible &= selection_mask(selected, S)
+        score = xp.where(visible[None], score, -np.inf)
+        p = softmax(score)
+        return xp.einsum("hts,shv->thv", p, v)                                            # (T, H, Dv)
+
+    def absorbed(self, q_nope, q_pe, cache, start, selected):
+        """Decode form: fold W_uk into the query and W_uv after the sum; attend in the latent space."""
+        T = q_nope.shape[0]
+        xp = xp_of(q_nope)
+        q_abs = xp.einsum("thn,hnc->thc", q_nope, self.w_uk)                              # (T, H, C)
+        if selected is None:  # dense: every causal position, -1 marks the future
+            pos = xp.arange(start + T, dtype=np.int32)[None, :]
+            selected = xp.where(pos <= (start + xp.arange(T, dtype=np.int32))[:, None], pos, -1)
+        o_latent = sparse_mla(q_abs, xp.ascontiguousarray(q_pe), cache["c_kv"], cache["k_pe"],
+                              selected.astype(np.int32), self.scale)                      # (T, H, C)
+        return xp.einsum("thc,hvc->thv", o_latent, self.w_uv)                             # (T, H, Dv)
+
+
+def softmax(x):
+    xp = xp_of(x)
+    m = x.max(-1, keepdims=True)
+    e = xp.exp(x - xp.where(xp.isfinite(m), m, 0))
+    return e / e.sum(-1, keepdims=True)
+
+
+def selection_mask(selected, S):
+    """Boolean (T, S) mask from per-query position lists padded with -1."""
+    xp = xp_of(selected)
+    T = selected.shape[0]
+    mask = xp.zeros((T, S + 1), bool)
+    mask[xp.arange(T)[:, None], xp.where(selected >= 0, selected, S)] = True  # -1 lands in the spare column
+    return mask[:, :S]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feed-forward: SwiGLU MLP and the DeepSeekMoE layer (SPEC §3, §7)
+
+class MLP:
+    def __init__(self, p):
+        self.gate_proj, self.up_proj, self.down_proj = p["gate_proj.weight"], p["up_proj.weight"], p["down_proj.weight"]
+
+    def __call__(self, x):
+        return linear(silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)  # (T, D)
+
+
+class MoE:
+    def __init__(self, cfg, p):
+        self.cfg = cfg
+        self.gate = p["gate.weight"]                                              # (E, D)
+        self.bias = p["gate.e_score_correction_bias"]                             # (E,)
+        self.experts = [MLP({k.split(".", 2)[2]: v for k, v in p.items() if k.startswith(f"experts.{e}.")})
+                        for e in range(cfg.n_routed_experts)]
+        self.shared = MLP({k[len("shared_experts."):]: v for k, v in p.items() if k.startswith("shared_experts.")})
+
+    def route(self, x):
+        """Group-limited sigmoid routing: (expert ids (T, k), weights (T, k))."""
+        cfg = self.cfg
+        xp = xp_of(x)
+        T, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
+        s = 1 / (1 + xp.exp(-linear(x, self.gate).astype(np.float32)))           # (T, E) affinities
+        s_sel = s + self.bias                                                    # the bias only steers the choice
+        top2 = -xp.sort(-s_sel.reshape(T, G, E // G), axis=-1)[..., :2]
+        group_score = top2.sum(-1)                                               # (T, G)
+        groups = xp.argsort(-group_score, axis=-1, kind="stable")[:, : cfg.topk_group]
+        keep = xp.zeros((T, G), bool)
+        keep[xp.arange(T)[:, None], groups] = True
+        s_sel = xp.where(xp.repeat(keep, E // G, axis=1), s_sel, -np.inf)
+        experts = xp.argsort(-s_sel, axis=-1, kind="stable")[:, : cfg.num_experts_per_tok]  # (T, k)
+        weights = xp.take_along_axis(s, experts, axis=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdims=True)
+        return experts, weights * np.float32(cfg.routed_scaling_factor)
+
+    def __call__(self, x):
+        xp = xp_of(x)
+        experts, weights = self.route(x)
+        y = self.shared(x)
+        # tokens grouped by expert: one product per expert that has tokens
+        flat = experts.reshape(-1)
+        order = xp.argsort(flat, kind="stable")
+        counts = np.bincount(xp_to_numpy(flat), minlength=self.cfg.n_routed_experts)
+        k = experts.shape[1]
+        first = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = order[first:first + n]
+                t = rows // k
+                y[t] += weights.reshape(-1)[rows, None] * self.experts[e](x[t])
+                first += n
+        return y
+
+
+def xp_to_numpy(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+class Block:
+    def __init__(self, cfg, i, p, precision):
+        self.input_layernorm, self.post_attention_layernorm = p["input_layernorm.weight"], p["post_attention_layernorm.weight"]
+        self.self_attn = MLA(cfg, {k[10:]: v for k, v in p.items() if k.startswith("self_attn.")}, precision)
+        mlp = {k[4:]: v for k, v in p.items() if k.startswith("mlp.")}
+        self.mlp = MLP(mlp) if i < cfg.first_k_dense_replace else MoE(cfg, mlp)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, h, cos, sin, cache, start, selector, form):
+        h = h + self.self_attn(rms_norm(h, self.input_layernorm, self.eps), cos, sin, cache, start, selector, form)
+        return h + self.mlp(rms_norm(h, self.post_attention_layernorm, self.eps))
+
+
+class Selector:
+    """Which keys each query of a layer attends to: none chosen (dense), DSA's top-K, HISA, or blocks."""
+
+    def __init__(self, cfg, mode, block_size=None, blocks=None):
+        if mode not in INDEXERS:
+            raise InputError(f"indexer {mode!r} is not one of {', '.join(INDEXERS)}")
+        K = cfg.index_topk
+        self.mode, self.K = mode, K
+        self.B = block_size or max(1, K // 16)  # the paper's ratios: B = K/16, m = 64 (m*B = 4K)
+        self.m = blocks or 64
+        if mode == "block" and self.B > K:
+            raise InputError(f"block size {self.B} exceeds index_topk {K}: block-sparse would keep no block")
+
+    def __call__(self, indexer, x, c_q, cos, sin, cache, start):
+        if self.mode == "dense":
+            return None
+        q, q_scale, w = indexer(x, c_q, cos, sin, cache, start)
+        xp = xp_of(q)
+        T = x.shape[0]
+        S = start + T
+        ends = (start + 1 + xp.arange(T)).astype(np.int32)                       # query t sees s < ends[t]
+        if self.mode == "dsa":
+            return topk(indexer.scores(q, q_scale, w, cache, S, ends), self.K)    # (T, K)
+        if "pooled" not in cache:
+            cache["pooled"] = hisa.PooledKeys(cache, self.B)
+        pooled = cache["pooled"]
+        pooled.update(start, S)
+        if self.mode == "hisa":
+            return hisa.select(q, q_scale, w, cache, pooled, ends, self.K, self.m)
+        return hisa.block_select(q, q_scale, w, pooled, ends, self.K)
+
+
+class Transformer:
+    def __init__(self, cfg, params, precision="fp8"):
+        if precision not in ("fp8", "float"):
+            raise InputError(f"indexer precision {precision!r} is not fp8 or float")
+        self.cfg, self.precision = cfg, precision
+        self.embed_tokens = params["model.embed_tokens.weight"]                  # (V, D)
+        self.norm, self.lm_head = params["model.norm.weight"], params["lm_head.weight"]
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            self.layers.append(Block(cfg, i, {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}, precision))
+        xp = xp_of(self.embed_tokens)
+        angles = np.arange(cfg.max_position_embeddings)[:, None] * rope_frequencies(cfg)[None, :]
+        self.cos, self.sin = xp.asarray(np.cos(angles), np.float32), xp.asarray(np.sin(angles), np.float32)
+
+    @property
+    def xp(self):
+        return xp_of(self.embed_tokens)
+
+    def new_cache(self, capacity):
+        if capacity > self.cfg.max_position_embeddings:
+            raise InputError(f"cache of {capacity} tokens exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
+        return Cache([layer.self_attn.new_cache(self.xp, capacity) for layer in self.layers], capacity)
+
+    def forward(self, ids, cache, selector, form="auto", all_logits=False):
+        """Run tokens ids (T,) at positions cache.length .. +T; returns logits (T, V) or (1, V)."""
+        xp, T, start = self.xp, len(ids), cache.length
+        if start + T > cache.capacity:
+            raise InputError(f"{start + T} tokens exceed the cache capacity {cache.capacity}")
+        h = self.embed_tokens[xp.asarray(ids)].astype(np.float32)                # (T, D)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        for layer, lc in zip(self.layers, cache.layers):
+            h = layer(h, cos, sin, lc, start, selector, form)
+        cache.length += T
+        if not all_logits:
+            h = h[-1:]
+        return linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)  # (T, V)
+
+    def prefill(self, ids, cache, selector, chunk=512, form="auto", all_logits=False):
+        """Prefill in chunks of `chunk` tokens, each attending to the cache so far."""
+        out = [self.forward(ids[i:i + chunk], cache, selector, form, all_logits) for i in range(0, len(ids), chunk)]
+        return self.xp.concatenate(out) if all_logits else out[-1]
+
+
+class Cache:
+    """Per-layer latent cache (c_kv, k_pe), indexer key cache and HISA's pooled keys."""
+
+    def __init__(self, layers, capacity):
+        self.layers, self.capacity, self.length = layers, capacity, 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a checkpoint folder (SPEC §2)
+
+def load(folder, device="auto", precision="fp8", progress=True):
+    """Open a checkpoint folder, validate every tensor against the config, dequantise FP8 weights."""
+    from tqdm import tqdm
+    ckpt = Checkpoint(folder)
+    cfg = Config.from_dict(ckpt.config, where=os.path.join(folder, "config.json"))
+    xp = select_device(device)
+    expected = tensor_shapes(ckpt.config)  # name -> (shape, kind) of the released layout
+    names = set(ckpt.names())
+    mtp = {n for n in names if n.startswith("model.layers.") and int(n.split(".")[2]) >= cfg.num_hidden_layers}
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected) - mtp)
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
+    if extra:
+        raise CheckpointError(f"{folder}: {len(extra)} unexpected tensor(s), first {extra[0]!r}")
+    params = {}
+    for name, (shape, kind) in tqdm(sorted(expected.items()), desc=f"loading {os.path.basename(os.path.normpath(folder))}",
+                                    disable=not progress, unit="tensor", leave=False):
+        if name.endswith(".weight_scale_inv"):
+            continue
+        dtype, got = ckpt.info(name)
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(f"{folder}: tensor {name!r} has shape {list(got)}, the config implies {list(shape)}")
+        if kind == "fp8" and dtype == "F8_E4M3":
+            sname = name[: -len("weight")] + "weight_scale_inv"
+            sdtype, sshape = ckpt.info(sname)
+            want = (-(-shape[0] // 128), -(-shape[1] // 128))
+            if tuple(sshape) != want:
+                raise CheckpointError(f"{folder}: tensor {sname!r} has shape {list(sshape)}, expected {list(want)}")
+            w = dequant_weight(xp.asarray(ckpt.get(name)), xp.asarray(ckpt.get(sname), np.float32))
+        elif dtype in ("F32", "BF16", "F16", "F64"):
+            w = xp.asarray(np.asarray(ckpt.get(name), np.float32))
+        else:
+            raise CheckpointError(f"{folder}: tensor {name!r} has dtype {dtype}, expected a float or F8_E4M3")
+        params[name] = w
+    return cfg, Transformer(cfg, params, precision), ckpt
+
+
+def select_device(device):
+    if device == "gpu" or (device == "auto" and HAVE_GPU):
+        if not HAVE_GPU:
+            raise InputError("--device gpu: no CUDA GPU is visible to CuPy")
+        import cupy
+        return cupy
+    if device not in ("auto", "cpu", "gpu"):
+        raise InputError(f"--device {device!r} is not auto, cpu or gpu")
+    return np
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+
+def sample(logits, temperature, top_p, rng):
+    """Greedy at temperature 0 (lowest id on ties), else softmax(logits / T) cut to the top-p mass."""
+    logits = xp_to_numpy(logits).astype(np.float64).reshape(-1)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def generate(model, prompt_ids, max_new_tokens, selector, temperature=0.0, top_p=1.0, seed=0,
+             chunk=512, on_token=None, stop_ids=()):
+    """Prefill the prompt, then decode one token at a time. Returns (new ids, stats)."""
+    cfg = model.cfg
+    n = len(prompt_ids)
+    if n == 0:
+        raise InputError("the prompt is empty (0 tokens)")
+    if n + max_new_tokens > cfg.max_position_embeddings:
+        raise InputError(f"prompt has {n} tokens and {max_new_tokens} more were asked for: "
+                         f"{n + max_new_tokens} > max_position_embeddings {cfg.max_position_embeddings}")
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(n + max_new_tokens)
+    t0 = time.perf_counter()
+    logits = model.prefill(list(prompt_ids), cache, selector, chunk)
+    next_id = sample(logits, temperature, top_p, rng)  # reads the logits back: prefill has finished
+    t1 = time.perf_counter()
+    out = []
+    while True:
+        out.append(next_id)
+        if on_token:
+            on_token(next_id)
+        if next_id in stop_ids or len(out) >= max_new_tokens:
+            break
+        next_id = sample(model.forward([next_id], cache, selector), temperature, top_p, rng)
+    t2 = time.perf_counter()
+    return out, {"prefill_tokens": n, "prefill_s": t1 - t0, "decode_tokens": len(out) - 1, "decode_s": t2 - t1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "random-tiny")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generate text with a DeepSeek-V3.2 checkpoint folder.")
+    ap.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--indexer", default="dsa", choices=INDEXERS, help="which keys attention sees")
+    ap.add_argument("--precision", default="fp8", choices=("fp8", "float"), help="indexer and latent-cache numerics")
+    ap.add_argument("--hisa-block", type=int, default=None, help="HISA block size B (default index_topk/16)")
+    ap.add_argument("--hisa-blocks", type=int, default=None, help="HISA blocks kept m (default 64)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the V3.2 chat encoding")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, ConfigError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    from weights.tokenizer import StreamDecoder, Tokenizer
+    if os.path.abspath(args.ckpt) == DEFAULT_CHECKPOINT and not os.path.exists(os.path.join(args.ckpt, "config.json")):
+        from weights.random_checkpoint import write_random_checkpoint
+        print(f"writing the random-weights demo checkpoint to {args.ckpt}", file=sys.stderr)
+        write_random_checkpoint(args.ckpt)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: at least 1")
+    if args.chunk < 1:
+        raise InputError(f"--chunk {args.chunk}: at least 1")
+    if not args.prompt:
+        raise InputError("the prompt is empty (0 characters)")
+    cfg, model, ckpt = load(args.ckpt, args.device, args.precision)
+    tok = Tokenizer(ckpt.tokenizer_path)
+    if args.chat:
+        ids = tok.encode_chat(args.prompt, bos_id=cfg.bos_token_id)
+    else:
+        ids = [cfg.bos_token_id] + tok.encode(args.prompt)
+    selector = Selector(cfg, args.indexer, args.hisa_block, args.hisa_blocks)
+    stream = StreamDecoder(tok)
+    device = "GPU" if model.xp is not np else "CPU"
+    print(f"[{device}, indexer {args.indexer} ({args.precision}), prompt {len(ids)} tokens]", file=sys.stderr)
+    sys.stdout.write(args.prompt if not args.chat else "")
+    sys.stdout.flush()
+
+    def show(token):
+        if token != cfg.eos_token_id:
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+    _, st = generate(model, ids, args.max_new_tokens, selector, args.temperature, args.top_p, args.seed,
+                     args.chunk, show, stop_ids=(cfg.eos_token_id,))
+    print()
+    rate = lambda n, s: f"{n / s:.1f}" if s > 0 and n else "-"
+    print(f"prefill {st['prefill_tokens']} tokens in {st['prefill_s']:.3f} s ({rate(st['prefill_tokens'], st['prefill_s'])} tok/s), "
+          f"decode {st['decode_tokens']} tokens in {st['decode_s']:.3f} s ({rate(st['decode_tokens'], st['decode_s'])} tok/s)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

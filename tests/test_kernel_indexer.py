@@ -1,0 +1,249 @@
+"""DSA indexer scores: the reference against a naive loop (CPU), the kernels against the reference (GPU)."""
+import os
+import shutil
+import subprocess
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kernels._cuda import HAVE_GPU, KERNEL_DIR
+from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
+from kernels.indexer import HEAD_DIMS, HEADS, index_scores_reference, plan
+
+gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: indexer kernel parity runs on the GPU machine")
+
+
+def naive(q, w, k, starts, ends, qs=None, ks=None):
+    """I[t, s] = sum_h w[t,h] * ReLU(qs[t,h] * ks[s] * q[t,h] . k[s]) on float64 values, one entry at a time."""
+    T, Hi, Di = q.shape
+    N = k.shape[0]
+    out = np.full((T, N), -np.inf)
+    for t in range(T):
+        for s in range(starts[t], ends[t]):
+            total = 0.0
+            for h in range(Hi):
+                scale = 1.0 if qs is None else float(qs[t, h]) * float(ks[s])
+                total += float(w[t, h]) * max(scale * float(np.dot(q[t, h], k[s])), 0.0)
+            out[t, s] = total
+    return out
+
+
+def random_inputs(rng, T, N, Hi, Di, fp8):
+    """Realistic inputs: float q, k; in fp8 mode quantised with ue8m0 block scales to e4m3 bits."""
+    q = rng.standard_normal((T, Hi, Di)).astype(np.float32)
+    k = rng.standard_normal((N, Di)).astype(np.float32)
+    w = (rng.standard_normal((T, Hi)) * (Hi * Di) ** -0.5).astype(np.float32)
+    if not fp8:
+        return q, w, k, None, None
+    q8, qs = quantize_ue8m0(q)
+    k8, ks = quantize_ue8m0(k)
+    return e4m3_encode(q8), w, e4m3_encode(k8), qs.reshape(T, Hi), ks.reshape(N)
+
+
+def random_ranges(rng, T, N):
+    a, b = rng.integers(0, N + 1, T), rng.integers(0, N + 1, T)
+    starts, ends = np.minimum(a, b).astype(np.int32), np.maximum(a, b).astype(np.int32)
+    if T > 1:
+        starts[1], ends[1] = 0, 0  # an empty row
+    return starts, ends
+
+
+def assert_scores_close(got, ref, rtol, what):
+    """Same -inf pattern; finite entries within rtol of the row's largest |value|. Prints where on failure."""
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} vs {ref.shape}"
+    assert not np.isnan(got).any(), f"{what}: NaN at {np.argwhere(np.isnan(got))[:5].tolist()}"
+    fin = np.isfinite(ref)
+    diff = np.isfinite(got) != fin
+    assert not diff.any(), f"{what}: -inf pattern differs at (t, s) {np.argwhere(diff)[:5].tolist()}"
+    assert (got[~fin] == -np.inf).all(), f"{what}: masked entries must be -inf"
+    g, r = np.where(fin, got, 0).astype(np.float64), np.where(fin, ref, 0).astype(np.float64)
+    rowmax = np.abs(r).max(axis=1, keepdims=True) + 1e-30
+    rel = np.abs(g - r) / rowmax
+    i = np.unravel_index(np.argmax(rel), rel.shape)
+    msg = (f"{what}: max-abs {np.abs(g - r).max():.3e}, max-rel (to row max) {rel.max():.3e} "
+           f"at (t, s) = {tuple(int(x) for x in i)}: got {g[i]:.6g}, want {r[i]:.6g}")
+    print(msg)
+    assert rel.max() <= rtol, msg
+
+
+# --- CPU: the reference --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_reference_matches_naive_loop(fp8):
+    rng = np.random.default_rng(0)
+    T, N, Hi, Di = 5, 11, 4, 8
+    q, w, k, qs, ks = random_inputs(rng, T, N, Hi, Di, fp8)
+    starts = np.array([0, 3, 0, 7, 2], np.int32)
+    ends = np.array([1, 3, 11, 9, 6], np.int32)  # row 1 empty, row 2 sees everything
+    got = index_scores_reference(q, w, k, ends, qs, ks, starts)
+    qv, kv = (e4m3_decode(q), e4m3_decode(k)) if fp8 else (q, k)
+    want = naive(qv.astype(np.float64), w, kv.astype(np.float64), starts, ends, qs, ks)
+    assert got.dtype == np.float32
+    assert_scores_close(got, want, 1e-6, "reference vs naive")
+    assert np.isneginf(got[1]).all() and np.isfinite(got[2]).all()
+
+
+def test_reference_starts_default_to_zero():
+    rng = np.random.default_rng(1)
+    q, w, k, _, _ = random_inputs(rng, 3, 6, 4, 8, False)
+    ends = np.array([1, 4, 6], np.int32)
+    a = index_scores_reference(q, w, k, ends)
+    b = index_scores_reference(q, w, k, ends, starts=np.zeros(3, np.int32))
+    assert np.array_equal(a, b)
+    assert np.isneginf(a[0, 1:]).all() and np.isfinite(a[0, 0])
+
+
+def test_reference_fp8_equals_dequantised_float64():
+    """fp8 mode = the float formula on dequantised values v8 * s (the scales fold out of the ReLU exactly)."""
+    rng = np.random.default_rng(2)
+    T, N, Hi, Di = 6, 40, 8, 64
+    q, w, k, qs, ks = random_inputs(rng, T, N, Hi, Di, True)
+    ends = np.arange(N - T + 1, N + 1).astype(np.int32)
+    got = index_scores_reference(q, w, k, ends, qs, ks)
+    qd = e4m3_decode(q).astype(np.float64) * qs[..., None]
+    kd = e4m3_decode(k).astype(np.float64) * ks[:, None]
+    want = index_scores_reference(qd, w, kd, ends)
+    assert_scores_close(got, want, 1e-6, "fp8 vs dequantised")
+
+
+def test_reference_rejects_ends_past_n():
+    rng = np.random.default_rng(3)
+    q, w, k, _, _ = random_inputs(rng, 2, 5, 4, 8, False)
+    with pytest.raises(ValueError, match="past N"):
+        index_scores_reference(q, w, k, np.array([3, 6], np.int32))
+
+
+def test_reference_batches_do_not_change_results():
+    """Rows computed alone equal rows computed together (float64 accumulation)."""
+    rng = np.random.default_rng(4)
+    T, N, Hi, Di = 9, 50, 4, 16
+    q, w, k, qs, ks = random_inputs(rng, T, N, Hi, Di, True)
+    starts, ends = random_ranges(rng, T, N)
+    full = index_scores_reference(q, w, k, ends, qs, ks, starts)
+    for t in (0, 4, 8):
+        one = index_scores_reference(q[t:t + 1], w[t:t + 1], k, ends[t:t + 1], qs[t:t + 1], ks, starts[t:t + 1])
+        assert np.array_equal(one[0], full[t])
+
+
+# --- CPU: launch plans and the kernel source ------------------------------------------------------
+
+@pytest.mark.parametrize("wgmma", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_plans_fit_shared_memory(fp8, wgmma):
+    for Hi in HEADS:
+        for Di in HEAD_DIMS:
+            for T, N in [(1, 70000), (3, 10), (300, 5000), (131072, 131072)]:
+                name, grid, block, smem = plan(T, N, Hi, Di, fp8, wgmma)
+                assert smem <= 227 * 1024, (name, Hi, Di, smem)
+                assert grid[0] >= 1 and 1 <= grid[1] <= 65535 and grid[0] * 1 < 2**31
+                assert ("wgmma" in name) == wgmma and ("fp8" in name) == fp8
+
+
+def test_plan_rejects_unsupported_dims():
+    with pytest.raises(ValueError, match="Hi = 12"):
+        plan(4, 100, 12, 128, True, False)
+    with pytest.raises(ValueError, match="Di = 96"):
+        plan(4, 100, 64, 96, True, False)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+def test_kernel_compiles_without_spills(arch, tmp_path):
+    for Hi, Di in [(64, 128), (4, 64)]:
+        cmd = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-DHI={Hi}", f"-DDI={Di}",
+               "-o", str(tmp_path / "indexer.cubin"), os.path.join(KERNEL_DIR, "indexer.cu")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert "warning" not in res.stderr.lower(), res.stderr
+        spills = [line for line in res.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")]
+        assert not spills, "\n".join(spills)
+
+
+# --- GPU: the kernels against the reference --------------------------------------------------------
+
+RTOL = {("fp8", "mma"): 1e-3,    # exact products, fp32 sums in another order
+        ("fp8", "wgmma"): 2e-3,  # Hopper's fp8 wgmma accumulates with fewer than fp32's bits
+        ("bf16", "mma"): 1e-2, ("bf16", "wgmma"): 1e-2}
+
+
+def gpu_paths():
+    if not HAVE_GPU:
+        return ["mma", "wgmma"]
+    import cupy as cp
+    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability == "90" else ["mma"]
+
+
+def run_case(rng, T, N, Hi, Di, mode, path, starts, ends, bits=False):
+    import cupy as cp
+    from kernels.indexer import index_scores_gpu
+    fp8 = mode == "fp8"
+    q, w, k, qs, ks = random_inputs(rng, T, N, Hi, Di, fp8)
+    if fp8:
+        ref = index_scores_reference(q, w, k, ends, qs, ks, starts)
+        args = [cp.asarray(q), cp.asarray(w), cp.asarray(k), cp.asarray(ends), cp.asarray(qs), cp.asarray(ks)]
+    else:
+        qb, kb = q.astype(ml_dtypes.bfloat16), k.astype(ml_dtypes.bfloat16)  # round to nearest even
+        ref = index_scores_reference(qb, w, kb, ends, starts=starts)
+        qg, kg = (qb.view(np.uint16), kb.view(np.uint16)) if bits else (q, k)  # bits, or fp32 rounded by the launcher
+        args = [cp.asarray(qg), cp.asarray(w), cp.asarray(kg), cp.asarray(ends), None, None]
+    out = cp.full((T, N), np.nan, np.float32)  # poison: every element must be written
+    got = index_scores_gpu(*args, starts=None if starts is None else cp.asarray(starts), out=out, path=path)
+    assert_scores_close(cp.asnumpy(got), ref, RTOL[mode, path], f"{mode}/{path} T={T} N={N} Hi={Hi} Di={Di}")
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_kernel_released_dims_causal_prefill(mode, path):
+    rng = np.random.default_rng(10)
+    T, N = 300, 5000
+    ends = np.arange(N - T + 1, N + 1).astype(np.int32)  # a prefill chunk at the end of the cache
+    run_case(rng, T, N, 64, 128, mode, path, None, ends)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_kernel_released_dims_decode(mode, path):
+    rng = np.random.default_rng(11)
+    N = 70000
+    run_case(rng, 1, N, 64, 128, mode, path, None, np.array([N], np.int32), bits=True)
+    run_case(rng, 1, N, 64, 128, mode, path, np.array([123], np.int32), np.array([N - 77], np.int32))
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_kernel_ragged_small(mode, path):
+    rng = np.random.default_rng(12)
+    sizes = [(1, 1), (1, 333), (2, 65), (5, 64), (7, 129), (16, 200), (17, 1), (33, 257), (37, 333)]
+    for T, N in sizes:
+        starts, ends = random_ranges(rng, T, N)
+        run_case(rng, T, N, 4, 64, mode, path, starts, ends, bits=(T % 2 == 1))
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_kernel_other_head_counts(mode, path):
+    rng = np.random.default_rng(13)
+    for Hi, Di, T, N in [(8, 128, 23, 300), (16, 64, 9, 1000), (32, 128, 70, 513), (64, 64, 5, 77)]:
+        starts, ends = random_ranges(rng, T, N)
+        run_case(rng, T, N, Hi, Di, mode, path, starts, ends)
+
+
+@gpu
+def test_dispatcher_and_range_check():
+    import cupy as cp
+    from kernels.indexer import index_scores
+    rng = np.random.default_rng(14)
+    q, w, k, qs, ks = random_inputs(rng, 3, 50, 4, 64, True)
+    ends = np.array([10, 50, 20], np.int32)
+    got = index_scores(cp.asarray(q), cp.asarray(w), cp.asarray(k), cp.asarray(ends), cp.asarray(qs), cp.asarray(ks))
+    assert isinstance(got, cp.ndarray)
+    assert_scores_close(cp.asnumpy(got), index_scores(q, w, k, ends, qs, ks), 2e-3, "dispatcher")
+    with pytest.raises(ValueError, match="ends must be <= N"):
+        index_scores(cp.asarray(q), cp.asarray(w), cp.asarray(k), cp.asarray(np.array([10, 51, 20], np.int32)),
+                     cp.asarray(qs), cp.asarray(ks))
