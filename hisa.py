@@ -34,8 +34,9 @@ class PooledKeys:
         capacity, Di = keys.shape
         n_blocks = -(-capacity // B)
         self.index_cache, self.B = index_cache, B
-        self.k = xp.zeros((n_blocks, Di), keys.dtype)                             # (capacity/B, Di)
-        self.k_scale = None if index_cache["k_scale"] is None else xp.zeros(n_blocks, np.float32)
+        fp8 = index_cache["k_scale"] is not None
+        self.k = xp.zeros((n_blocks, Di), np.uint8 if fp8 else np.float32)       # (capacity/B, Di)
+        self.k_scale = xp.zeros(n_blocks, np.float32) if fp8 else None
 
     def update(self, start, S):
         """Keys [start, S) were just appended: re-pool the blocks they touch."""

@@ -187,6 +187,12 @@ def hadamard(n):
     return (h / math.sqrt(n)).astype(np.float32)
 
 
+def bf16_bits(x):
+    """Round to bf16 (nearest even) and return the bit patterns as uint16: CuPy has no bf16 dtype."""
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 def linear(x, w):
     return x @ w.T  # w is [out, in], as stored
 
@@ -214,7 +220,8 @@ class Indexer:
         Di = self.cfg.index_head_dim
         if self.precision == "fp8":
             return {"k": xp.zeros((capacity, Di), np.uint8), "k_scale": xp.zeros(capacity, np.float32)}
-        return {"k": xp.zeros((capacity, Di), np.float32), "k_scale": None}
+        # float precision: fp32 keys on the CPU; bf16 bit patterns on the GPU, which the kernels read
+        return {"k": xp.zeros((capacity, Di), np.float32 if xp is np else np.uint16), "k_scale": None}
 
     def queries_and_keys(self, x, c_q, cos, sin):
         """q [T, Hi, Di], w [T, Hi] and k [T, Di], in the form the scores use (SPEC §5)."""
@@ -240,8 +247,11 @@ class Indexer:
             cache["k"][start:S] = e4m3_encode(k8)
             cache["k_scale"][start:S] = k_scale[:, 0]
             return e4m3_encode(q8), q_scale[..., 0], w
-        cache["k"][start:S] = k
-        return q.astype(np.float32), None, w
+        if xp_of(q) is np:
+            cache["k"][start:S] = k
+            return q.astype(np.float32), None, w
+        cache["k"][start:S] = bf16_bits(k)
+        return bf16_bits(q), None, w
 
     def scores(self, q, q_scale, w, cache, S, ends):
         """I[t, s] = sum_j w[t,j] ReLU(q[t,j] . k[s]) for s < ends[t], -inf after."""
@@ -323,7 +333,7 @@ class MLA:
         if selected is None:  # dense: every causal position, -1 marks the future
             pos = xp.arange(start + T, dtype=np.int32)[None, :]
             selected = xp.where(pos <= (start + xp.arange(T, dtype=np.int32))[:, None], pos, -1)
-        o_latent = sparse_mla(q_abs, xp.ascontiguousarray(q_pe), cache["c_kv"], cache["k_pe"],
+        o_latent = sparse_mla(xp.ascontiguousarray(q_abs), xp.ascontiguousarray(q_pe), cache["c_kv"], cache["k_pe"],
                               selected.astype(np.int32), self.scale)                      # (T, H, C)
         return xp.einsum("thc,hvc->thv", o_latent, self.w_uv)                             # (T, H, Dv)
 
