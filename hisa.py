@@ -33,7 +33,7 @@ class PooledKeys:
         xp = xp_of(keys)
         capacity, Di = keys.shape
         n_blocks = -(-capacity // B)
-        self.index_cache, self.B = index_cache, B
+        self.index_cache, self.B, self.length = index_cache, B, 0
         fp8 = index_cache["k_scale"] is not None
         self.k = xp.zeros((n_blocks, Di), np.uint8 if fp8 else np.float32)       # (capacity/B, Di)
         self.k_scale = xp.zeros(n_blocks, np.float32) if fp8 else None
@@ -41,13 +41,14 @@ class PooledKeys:
     def update(self, start, S):
         """Keys [start, S) were just appended: re-pool the blocks they touch."""
         pool_blocks(self.index_cache["k"], self.index_cache["k_scale"], S, self.B, start // self.B, self.k, self.k_scale)
+        self.length = S
 
 
 def block_scores(q, q_scale, w, pooled, ends):
     """J[t, b] over the blocks a query can see; first and own block +inf, future blocks -inf."""
     xp = xp_of(q)
     B = pooled.B
-    n_blocks = -(-int(ends.max()) // B)
+    n_blocks = -(-pooled.length // B)  # ends never pass the pooled length
     own = (ends - 1) // B                                                         # (T,) block holding t
     J = index_scores(q, w, pooled.k[:n_blocks], (own + 1).astype(np.int32), q_scale=q_scale,
                      k_scale=None if q_scale is None else pooled.k_scale[:n_blocks])  # (T, n_blocks)

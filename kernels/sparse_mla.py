@@ -8,6 +8,8 @@ Each query t attends over its selected cache rows only, and every head uses the 
 The caller applies W_uv (and o_proj) to o. idx[t,i] = -1 is padding; so is any value outside [0, cap).
 A query with no valid index gets o = 0 (an empty softmax contributes nothing).
 """
+import functools
+
 import numpy as np
 
 from kernels._cuda import check, check_array, is_gpu, kernel, xp_of
@@ -50,6 +52,7 @@ def sparse_mla_reference(q_abs, q_pe, c_kv, k_pe, idx, scale):
 _configured = set()  # kernels whose dynamic shared memory limit was raised
 
 
+@functools.lru_cache(maxsize=None)
 def _device_attr(name):
     import cupy as cp
     return cp.cuda.Device().attributes[name]
