@@ -49,12 +49,18 @@ def check(cond, message):
 
 
 def check_array(a, name, dtype, ndim=None, shape=None):
-    """A launcher argument must be a contiguous CuPy array of this dtype (and rank/shape)."""
-    check(is_gpu(a), f"{name}: expected a CuPy array, got {type(a).__name__}")
-    check(a.dtype == np.dtype(dtype), f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if ndim is not None:
-        check(a.ndim == ndim, f"{name}: rank {a.ndim} (shape {a.shape}), expected {ndim}")
+    """A launcher argument must be a contiguous CuPy array of this dtype (and rank/shape).
+
+    Runs on every launch, so the messages are only formatted once a check has failed."""
+    if not is_gpu(a):
+        raise ValueError(f"{name}: expected a CuPy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: rank {a.ndim} (shape {a.shape}), expected {ndim}")
     if shape is not None:
         for i, (got, want) in enumerate(zip(a.shape, shape)):
-            check(want is None or got == want, f"{name}: shape {a.shape}, dim {i} should be {want}")
-    check(a.flags.c_contiguous, f"{name}: must be C-contiguous (shape {a.shape}, strides {a.strides})")
+            if want is not None and got != want:
+                raise ValueError(f"{name}: shape {a.shape}, dim {i} should be {want}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (shape {a.shape}, strides {a.strides})")
