@@ -19,7 +19,7 @@ blocks they touch (decode refreshes just the partial last block).
 import numpy as np
 
 from kernels._cuda import xp_of
-from kernels.hisa_tokens import hisa_token_scores, slots_to_positions
+from kernels.hisa_tokens import force_blocks, hisa_token_scores, slots_to_positions
 from kernels.indexer import index_scores
 from kernels.pool import pool_blocks
 from kernels.topk import topk
@@ -46,15 +46,12 @@ class PooledKeys:
 
 def block_scores(q, q_scale, w, pooled, ends):
     """J[t, b] over the blocks a query can see; first and own block +inf, future blocks -inf."""
-    xp = xp_of(q)
     B = pooled.B
     n_blocks = -(-pooled.length // B)  # ends never pass the pooled length
     own = (ends - 1) // B                                                         # (T,) block holding t
     J = index_scores(q, w, pooled.k[:n_blocks], (own + 1).astype(np.int32), q_scale=q_scale,
                      k_scale=None if q_scale is None else pooled.k_scale[:n_blocks])  # (T, n_blocks)
-    J[:, 0] = np.inf
-    J[xp.arange(len(own)), own] = np.inf
-    return J
+    return force_blocks(J, ends, B)  # J[t, 0] = J[t, own block] = +inf
 
 
 def select(q, q_scale, w, index_cache, pooled, ends, K, m):

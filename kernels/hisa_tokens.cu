@@ -1,35 +1,67 @@
-// HISA token stage (SPEC section 6 step 4): exact DSA scores of every candidate slot of every query.
+// HISA token stage (SPEC section 6 step 4): exact DSA scores of every candidate slot of every query,
+// plus the two small maps around it (forced blocks before the block top-m, slot -> position after the
+// token top-k).
 //
 //   slot j of query t -> position p = blocks[t, j / B] * B + j % B          (j < m*B)
 //   out[t, j] = sum_h w[t,h] * ReLU(qs[t,h] * ks[p] * q[t,h] . k[p])   if blocks[t, j/B] >= 0 and p < ends[t]
 //             = -inf                                                     otherwise
-// Computed as ks[p] * sum_h (w[t,h] * qs[t,h]) * ReLU(q[t,h] . k[p]) (the scales are positive), with
-// the dot products on tensor cores: M = heads (16 per mma, padded with zero rows), N = keys, K = Di.
+// Computed as ks[p] * sum_h (w[t,h] * qs[t,h]) * ReLU(q[t,h] . k[p]) (the scales are positive): the
+// dot products on tensor cores, ReLU, weights and the head sum in registers.
 //
 // Compile-time configuration (-D, picked by the launcher in hisa_tokens.py):
-//   HT_FP8     1: q, keys are e4m3 bits, mma.m16n8k32 e4m3; 0: bf16 bits, mma.m16n8k16 bf16 (no scales)
+//   HT_FP8     1: q, keys are e4m3 bits; 0: bf16 bits (no scales)
 //   HT_DI      indexer head dim Di (row bytes Di or 2*Di must be a multiple of 32)
-//   HT_MT      head tiles of 16 (1, 2 or 4: Hi <= 16, 32, 64)
-//   HT_STAGES  cp.async pipeline depth (2 or 3)
-// Arguments:
-//   q       [T, Hi, Di]  e4m3 bits (uint8) or bf16 bits (uint16)
+//   HT_MT      mma.sync kernel: head tiles of 16 (1, 2 or 4: Hi <= 16, 32, 64)
+//   HT_STAGES  mma.sync kernel: cp.async pipeline depth (2 or 3)
+//   HT_WSTAGES wgmma kernel: cp.async pipeline depth (2 .. 8)
+//
+// Arguments of both score kernels:
+//   q       [T, Hi, Di]  e4m3 bits (uint8) or bf16 bits (uint16), base 16-byte aligned
 //   qscale  float [T, Hi] (fp8 only; any valid pointer otherwise)
 //   w       float [T, Hi]
 //   keys    [cap, Di]    same element type as q, base 16-byte aligned
 //   kscale  float [cap]  (fp8 only; any valid pointer otherwise)
 //   blocks  int [T, m]   kept block ids, -1 = padding
-//   ends    int [T]      positions >= ends[t] are out of range (-inf); ends[t] <= cap is assumed, and
-//                        positions >= cap are treated as out of range anyway
-//   out     float [T, m*B]
-// Launch: grid (T, nsplit), 128 threads (4 warps, launch bounds for 5 CTAs an SM: ~96 registers, ~28 KB
-// static smem at fp8 Di 128). CTA (t, s) scores slots [s*slots_per_cta,
-// min((s+1)*slots_per_cta, m*B)) of query t, NT = 64 slots per tile. Each tile's key rows are gathered
-// with 16-byte cp.async (zero-filled for invalid slots) into shared memory, HT_STAGES tiles in flight.
-// Warp (mw, nw): head tile mw (q fragments stay in registers for the whole CTA), keys nw*KPW ... of each
-// tile. ReLU and the head weights are applied to the accumulators in registers, heads reduced by warp
-// shuffles, head tiles through shared memory; one thread per slot writes the score.
-// Preconditions (checked by the launcher): Hi <= 16*HT_MT, slots_per_cta a multiple of 64, arrays
-// C-contiguous, keys 16-byte aligned.
+//   ends    int [T]      positions >= ends[t] are out of range (-inf); positions >= cap are treated as
+//                        out of range as well, so a bad end cannot fault
+//   out     float [T, m*B], every element written
+//   slots_per_cta        CTA (t, s) scores slots [s*slots_per_cta, min((s+1)*slots_per_cta, m*B)) of query t
+//
+// 1. hisa_token_scores_wgmma (sm_90a only; traps elsewhere): Hopper warpgroup MMA at the real fp8 rate.
+//    Row bytes DB = 64, 128 or 256 (fp8 Di 64/128/256, bf16 Di 32/64/128), Hi <= 64.
+//    Extra arguments: lgB = log2(B) when B is a power of two, else -1 (a shift instead of a division per
+//    gathered row); smem_bytes = the dynamic shared memory given (the kernel traps if it is too small).
+//    Launch: grid (T, nsplit), 256 threads (2 warpgroups), launch bounds for 2 CTAs an SM, dynamic shared
+//    memory 64*DB + HT_WSTAGES*(128*DB + 1024) + 4*(WG_MAXT + 1) + 1024 bytes (hisa_tokens.py
+//    wgmma_smem). Per CTA:
+//      a. q rows of query t -> a [64 x DB] shared tile (rows >= Hi zero), the B operand of every MMA;
+//         each thread keeps the 16 weights w*qs of its accumulator columns in registers;
+//      b. warp 0 lists the CTA's live 128-slot tiles (some slot visible) and writes -inf over the dead
+//         ones (padding blocks, blocks past ends[t]) without gathering anything;
+//      c. a HT_WSTAGES-deep cp.async ring gathers the live tiles: 128 key rows (16-byte chunks, zero-filled
+//         for invalid slots; for B = 128 a tile is one block, 16 KB of contiguous memory), written with
+//         the 128-byte (64-byte when DB = 64) swizzle that wgmma reads, plus each row's position and k scale;
+//      d. warpgroup g: D[64 keys x 64 heads] = keys[64g .. 64g+63] . q^T, m64n64k32 e4m3 (k16 bf16),
+//         DB/32 steps; every warp owns 16 whole key rows, so the head sum is 16 FMAs a row in registers
+//         plus 2 quad shuffles, no cross-warp reduction; times ks, -inf where invalid, streamed out.
+//    Preconditions (checked by the launcher): slots_per_cta a multiple of 128 and <= 128*WG_MAXT, Hi <= 64,
+//    arrays C-contiguous.
+// 2. hisa_token_scores (mma.sync, any sm_89+; the fallback for other row sizes or GPUs): fp8 as
+//    mma.m16n8k32 e4m3 (Hopper runs it as converted f16 MMAs, several times slower than wgmma), bf16 as
+//    mma.m16n8k16. Launch: grid (T, nsplit), 128 threads (4 warps, launch bounds for 5 CTAs an SM), static
+//    shared memory. NT = 64 slots a tile gathered with 16-byte cp.async, HT_STAGES tiles in flight. Warp
+//    (mw, nw): head tile mw (q fragments in registers), keys nw*KPW ... of each tile; heads reduced by
+//    warp shuffles, head tiles through shared memory; one thread per slot writes the score.
+//    Preconditions (checked by the launcher): Hi <= 16*HT_MT, slots_per_cta a multiple of 64.
+//
+// 3. slots_to_positions(slots int [T, K], blocks int [T, m], ends int [T], out int [T, K], n = T*K, K, m, B,
+//    use_ends): out = blocks[t, s / B] * B + s % B for slot s = slots[t, i]; -1 when s < 0, s >= m*B, the
+//    block is -1, or (use_ends) the position is >= ends[t]. One thread per element, any 1-D launch
+//    covering n (n < 2^31).
+// 4. force_blocks(J float [T, nb], ends int [T], T, nb, B): in place, J[t, 0] = +inf and
+//    J[t, (ends[t] - 1) / B] = +inf (skipped when ends[t] < 1 or the block is >= nb). One thread per query.
+//
+// NVRTC-compatible: no #include, no std::, extern "C" entry points.
 
 #ifndef HT_FP8
 #define HT_FP8 1
@@ -43,6 +75,17 @@
 #ifndef HT_STAGES
 #define HT_STAGES 3
 #endif
+#ifndef HT_WSTAGES
+#define HT_WSTAGES 5
+#endif
+
+typedef unsigned char u8;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+#define FULL_MASK 0xffffffffu
 
 constexpr int ROWB = HT_FP8 ? HT_DI : 2 * HT_DI;  // bytes of one q or key row
 constexpr int KSTEPS = ROWB / 32;                   // one mma consumes 32 bytes of K (k32 e4m3, k16 bf16)
@@ -69,6 +112,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---------------------------------------------------------------------------------------------------
+// mma.sync kernel
 
 // D += A * B for one 16x8 tile and 32 bytes of K. A: rows g, g+8 (a0/a2: row g, a1/a3: row g+8; a0/a1
 // bytes 4*tig.., a2/a3 bytes 16+4*tig..); B: key g, bytes 4*tig.. (b0) and 16+4*tig.. (b1);
@@ -211,4 +257,368 @@ hisa_token_scores(const unsigned char* __restrict__ q, const float* __restrict__
         }
     }
     cp_async_wait<0>();  // nothing should be in flight at exit (only empty groups remain)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// wgmma kernel (sm_90a)
+
+constexpr int WG_NTH = 256;   // threads: 2 warpgroups
+
+// The row sizes the swizzled layouts below handle.
+#if (HT_FP8 && (HT_DI == 64 || HT_DI == 128 || HT_DI == 256)) || (!HT_FP8 && (HT_DI == 32 || HT_DI == 64 || HT_DI == 128))
+#define HT_WGMMA_ROWS 1
+#else
+#define HT_WGMMA_ROWS 0
+#endif
+
+extern __shared__ __align__(1024) u8 smem_raw[];
+
+__device__ __forceinline__ void trap() { asm volatile("trap;"); }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HT_WGMMA_ROWS
+
+constexpr int WG_NT = 128;    // slots per tile: 2 warpgroups x 64 key rows
+constexpr int WG_NH = 64;     // head columns of every MMA (Hi <= 64; missing heads are zero rows of q)
+constexpr int WG_MAXT = 256;  // tiles a CTA can list (slots_per_cta <= 128 * WG_MAXT)
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 (4) bytes global -> shared; src_bytes = 0 writes zeros. .cg: keys bypass L1 (read once per CTA).
+__device__ __forceinline__ void cp_async16_to(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async4_to(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit_m() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_m() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Make this thread's generic-proxy shared-memory writes (cp.async) visible to wgmma.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// The scores are written once and read by the top-k: evict-first, keep L2 for the key cache.
+__device__ __forceinline__ void st_stream(float* p, float v) {
+    asm volatile("st.global.cs.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
+}
+
+// The layouts, descriptors and MMA wrappers below are those of kernels/indexer.cu's wgmma path
+// (its "_decode" configuration is this one: 128-key tiles, 64 columns, one warpgroup per 64 keys).
+//
+// Byte offset of 16-byte chunk x of row r in a shared tile of R rows of DB bytes. DB >= 128: DB/128
+// blocks of [R][128 B], chunk x of row r stored at (x ^ r) mod 8 (the wgmma 128-byte swizzle, 1024-byte
+// atoms). DB = 64: [R][64 B] with x ^ (r/2 mod 4) (the 64-byte swizzle, 512-byte atoms).
+template <int DB, int R>
+__device__ __forceinline__ int tile_off(int r, int x) {
+    if constexpr (DB >= 128) {
+        return (x >> 3) * (R * 128) + r * 128 + (((x & 7) ^ (r & 7)) << 4);
+    } else {
+        return r * 64 + ((x ^ ((r >> 1) & 3)) << 4);
+    }
+}
+
+// Shared-memory matrix descriptor, K-major operand with a swizzle: start address, leading byte offset
+// (unused by swizzled K-major layouts; 16), stride byte offset = bytes between 8-row core-matrix groups,
+// swizzle mode in bits 62-63 (1: 128-byte, 2: 64-byte). Address fields are in 16-byte units.
+template <int DB>
+__device__ __forceinline__ u64 make_desc(u32 addr) {
+    constexpr u64 SBO = DB >= 128 ? 1024 : 512;
+    constexpr u64 SWZ = DB >= 128 ? 1 : 2;
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((SBO >> 4) << 32) | (SWZ << 62);
+}
+
+// Byte offset, inside a swizzled tile of R rows, of the 32-byte k step c for rows starting at row0
+// (a multiple of 8): the hardware applies the XOR swizzle to the final address, so stepping k inside a
+// 128-byte (64-byte) row is a plain +32 bytes on the start address.
+template <int DB, int R>
+__device__ __forceinline__ int kstep_off(int row0, int c) {
+    if constexpr (DB >= 128) {
+        return (c >> 2) * (R * 128) + row0 * 128 + (c & 3) * 32;
+    } else {
+        return row0 * 64 + c * 32;
+    }
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Keep the compiler from moving accumulator reads or writes across the async MMA's issue and wait.
+template <int NR>
+__device__ __forceinline__ void fence_regs(float* d) {
+#pragma unroll
+    for (int i = 0; i < NR; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D[64 x 64] (+)= A[64 x k] * B[64 x k]^T, A and B K-major in shared memory (descriptors); accumulate = 0
+// overwrites D. D layout: warp v of the warpgroup holds rows 16v + lane/4 (+8); d[4j + {0,1}] are
+// columns 8j + 2(lane%4) + {0,1} of the first row, d[4j + {2,3}] of the second.
+__device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
+#if HT_FP8
+    asm volatile(
+        "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1; }"
+        :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate));
+#else
+    asm volatile(
+        "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0; }"
+        :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+
+// Position of slot j (< m*B), or -1 when its block is padding or the position is >= limit.
+__device__ __forceinline__ int slot_pos(const int* __restrict__ blk_t, int j, int B, int lgB, int limit) {
+    const int bi = lgB >= 0 ? j >> lgB : j / B;
+    const int b = blk_t[bi];
+    if (b < 0) return -1;
+    const long long p = (long long)b * B + (j - bi * B);
+    return p < limit ? (int)p : -1;
+}
+
+// Tile [j0, j1) of slots holds a visible one: some block it touches is kept and the tile's first slot
+// in that block (the block's smallest position inside the tile) is < limit.
+__device__ __forceinline__ bool tile_live(const int* __restrict__ blk_t, int j0, int j1, int B, int limit) {
+    for (int bi = j0 / B; (long long)bi * B < j1; ++bi) {
+        const int b = blk_t[bi];
+        const int first = j0 > bi * B ? j0 - bi * B : 0;  // 0 when block bi starts inside the tile
+        if (b >= 0 && (long long)b * B + first < limit) return true;
+    }
+    return false;
+}
+
+template <int DB, int S>
+__device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float* __restrict__ qscale,
+                                           const float* __restrict__ w, const u8* __restrict__ keys,
+                                           const float* __restrict__ kscale, const int* __restrict__ blocks,
+                                           const int* __restrict__ ends, float* __restrict__ out, int Hi, int m,
+                                           int B, int lgB, int cap, int slots_per_cta, int smem_bytes) {
+    static_assert(DB == 64 || DB == 128 || DB == 256, "wgmma rows are 64, 128 or 256 bytes");
+    static_assert(S >= 2 && S <= 8, "HT_WSTAGES must be 2 .. 8");
+    constexpr int CPR_ = DB / 16;                  // 16-byte chunks a row
+    constexpr int KST = DB / 32;                   // k steps of 32 bytes
+    constexpr int CH_PER_THREAD = WG_NT * CPR_ / WG_NTH;
+    static_assert(CH_PER_THREAD * WG_NTH == WG_NT * CPR_, "chunks split evenly over the threads");
+    constexpr int Q_BYTES = WG_NH * DB;            // multiples of 1024: the swizzle atoms stay aligned
+    constexpr int K_BYTES = WG_NT * DB;
+    constexpr int OFF_K = Q_BYTES;
+    constexpr int OFF_KS = OFF_K + S * K_BYTES;    // float [S][128]: k scale of each row
+    constexpr int OFF_POS = OFF_KS + S * WG_NT * 4; // int [S][128]: position of each row, -1 invalid
+    constexpr int OFF_LIST = OFF_POS + S * WG_NT * 4; // int [WG_MAXT]: live tiles, then their count
+    constexpr int SMEM = OFF_LIST + (WG_MAXT + 1) * 4 + 1024;  // + worst-case alignment of the base
+    if (smem_bytes < SMEM) trap();
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7, wv = warp & 3;
+    const u32 raw = smem_addr(smem_raw);
+    const u32 pad = (1024 - (raw & 1023)) & 1023;
+    u8* sm = smem_raw + pad;
+    const u32 base = raw + pad;
+    float* s_ks = reinterpret_cast<float*>(sm + OFF_KS);
+    int* s_pos = reinterpret_cast<int*>(sm + OFF_POS);
+    int* s_list = reinterpret_cast<int*>(sm + OFF_LIST);
+
+    const int t = blockIdx.x;
+    const int mB = m * B;
+    const int j_begin = blockIdx.y * slots_per_cta;
+    const int j_end = min(mB, j_begin + slots_per_cta);
+    if (j_begin >= j_end) return;  // uniform over the CTA
+    const int ntiles = (j_end - j_begin + WG_NT - 1) / WG_NT;
+    if (ntiles > WG_MAXT) trap();  // the launcher keeps slots_per_cta <= 128 * WG_MAXT
+    const int limit = min(ends[t], cap);
+    const int* blk_t = blocks + (long long)t * m;
+    float* out_t = out + (long long)t * mB;
+
+    // a. q rows of query t (rows >= Hi zero): cp.async group 0, together with the first key tile.
+    {
+        const u8* q_t = q + (long long)t * Hi * DB;
+        for (int i = tid; i < WG_NH * CPR_; i += WG_NTH) {
+            const int r = i / CPR_, x = i % CPR_;
+            const bool ok = r < Hi;
+            cp_async16_to(base + tile_off<DB, WG_NH>(r, x), q_t + (ok ? r : 0) * DB + x * 16, ok ? 16 : 0);
+        }
+    }
+    // This thread's accumulator columns are heads 8j + 2(lane%4) + {0,1}: their weights w * qs.
+    float wr[8][2];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int h = 8 * j + 2 * (lane & 3) + e;
+            float v = 0.0f;
+            if (h < Hi) {
+                v = w[(long long)t * Hi + h];
+                if (HT_FP8) v *= qscale[(long long)t * Hi + h];
+            }
+            wr[j][e] = v;
+        }
+
+    // b. Live tiles into s_list (in order), -inf over the dead ones.
+    if (warp == 0) {
+        int n_live = 0;
+        for (int c0 = 0; c0 < ntiles; c0 += 32) {
+            const int n = c0 + lane;
+            bool live = false;
+            if (n < ntiles) live = tile_live(blk_t, j_begin + n * WG_NT, min(j_begin + (n + 1) * WG_NT, j_end), B, limit);
+            const u32 live_mask = __ballot_sync(FULL_MASK, live);
+            if (live) s_list[n_live + __popc(live_mask & ((1u << lane) - 1u))] = n;
+            n_live += __popc(live_mask);
+            u32 dead = __ballot_sync(FULL_MASK, n < ntiles && !live);
+            while (dead) {
+                const int d = __ffs(dead) - 1;
+                dead &= dead - 1;
+                const int d0 = j_begin + (c0 + d) * WG_NT, d1 = min(d0 + WG_NT, j_end);
+                for (int j = d0 + lane; j < d1; j += 32) st_stream(out_t + j, NEG_INF);
+            }
+        }
+        if (lane == 0) s_list[WG_MAXT] = n_live;
+    }
+    __syncthreads();
+    const int n_live = s_list[WG_MAXT];
+
+    // c. Gather live tile n into stage `stage`: key rows (swizzled), their positions and k scales.
+    auto load_tile = [&](int stage, int n) {
+        const int j0 = j_begin + s_list[n] * WG_NT;
+        const u32 dst = base + OFF_K + stage * K_BYTES;
+#pragma unroll
+        for (int k = 0; k < CH_PER_THREAD; ++k) {
+            const int i = tid + k * WG_NTH;
+            const int r = i / CPR_, x = i % CPR_;  // consecutive threads: consecutive chunks of a row
+            const int j = j0 + r;
+            const int p = j < j_end ? slot_pos(blk_t, j, B, lgB, limit) : -1;
+            cp_async16_to(dst + tile_off<DB, WG_NT>(r, x), keys + (p >= 0 ? (long long)p * DB + x * 16 : 0),
+                          p >= 0 ? 16 : 0);
+            if (x == 0) {
+                s_pos[stage * WG_NT + r] = p;
+                if (HT_FP8) cp_async4_to(base + OFF_KS + (stage * WG_NT + r) * 4, kscale + (p >= 0 ? p : 0),
+                                         p >= 0 ? 4 : 0);
+            }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < n_live) load_tile(s, s);
+        cp_async_commit_m();  // empty groups keep the count uniform
+    }
+
+    const int row = wg * 64 + wv * 16 + (lane >> 2);  // this thread's first key row of a tile; second: +8
+    const int my_row = row + 8 * (lane & 1);          // written by lane%4 = 0 (row) and 1 (row + 8)
+    float acc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+
+    for (int it = 0; it < n_live; ++it) {
+        cp_async_wait_m<S - 2>();
+        fence_proxy_async();
+        __syncthreads();  // tile it landed for all; tile it-1's stage is free again
+        if (it + S - 1 < n_live) load_tile((it + S - 1) % S, it + S - 1);
+        cp_async_commit_m();
+
+        // d. D[64 keys x 64 heads] of this warpgroup's half of the tile.
+        const int stage = it % S;
+        const u32 k_s = base + OFF_K + stage * K_BYTES;
+        fence_regs<32>(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < KST; ++c) {
+            const u64 da = make_desc<DB>(k_s + kstep_off<DB, WG_NT>(wg * 64, c));
+            const u64 db = make_desc<DB>(base + kstep_off<DB, WG_NH>(0, c));
+            wgmma_n64(acc, da, db, c > 0);
+        }
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs<32>(acc);
+
+        // sum_h w ReLU(logit) for rows `row` (lo) and `row + 8` (hi): 16 columns here, 4 lanes a row.
+        float lo = 0.0f, hi = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            lo = fmaf(wr[j][0], fmaxf(acc[4 * j + 0], 0.0f), lo);
+            lo = fmaf(wr[j][1], fmaxf(acc[4 * j + 1], 0.0f), lo);
+            hi = fmaf(wr[j][0], fmaxf(acc[4 * j + 2], 0.0f), hi);
+            hi = fmaf(wr[j][1], fmaxf(acc[4 * j + 3], 0.0f), hi);
+        }
+        lo += __shfl_xor_sync(FULL_MASK, lo, 1);
+        hi += __shfl_xor_sync(FULL_MASK, hi, 1);
+        lo += __shfl_xor_sync(FULL_MASK, lo, 2);
+        hi += __shfl_xor_sync(FULL_MASK, hi, 2);
+        if ((lane & 3) < 2) {
+            const int j = j_begin + s_list[it] * WG_NT + my_row;
+            if (j < j_end) {
+                const int p = s_pos[stage * WG_NT + my_row];
+                float v = (lane & 1) ? hi : lo;
+                if (HT_FP8) v *= s_ks[stage * WG_NT + my_row];
+                st_stream(out_t + j, p >= 0 ? v : NEG_INF);
+            }
+        }
+    }
+    cp_async_wait_m<0>();  // nothing in flight at exit (q when no tile was live; else only empty groups)
+}
+
+#endif  // sm_90a and a supported row size
+
+extern "C" __global__ void __launch_bounds__(WG_NTH, 2)
+hisa_token_scores_wgmma(const u8* __restrict__ q, const float* __restrict__ qscale, const float* __restrict__ w,
+                        const u8* __restrict__ keys, const float* __restrict__ kscale,
+                        const int* __restrict__ blocks, const int* __restrict__ ends, float* __restrict__ out,
+                        int Hi, int m, int B, int lgB, int cap, int slots_per_cta, int smem_bytes) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HT_WGMMA_ROWS
+    wgmma_body<ROWB, HT_WSTAGES>(q, qscale, w, keys, kscale, blocks, ends, out, Hi, m, B, lgB, cap, slots_per_cta,
+                                 smem_bytes);
+#else
+    trap();  // wgmma needs sm_90a and a 64/128/256-byte row: launching it otherwise is a launcher bug
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The maps around the token stage
+
+extern "C" __global__ void slots_to_positions(const int* __restrict__ slots, const int* __restrict__ blocks,
+                                              const int* __restrict__ ends, int* __restrict__ out, int n, int K,
+                                              int m, int B, int use_ends) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int t = i / K;
+    const int s = slots[i];
+    int pos = -1;
+    if (s >= 0) {
+        const int bi = s / B;
+        if (bi < m) {
+            const int b = blocks[(long long)t * m + bi];
+            if (b >= 0) {
+                const long long p = (long long)b * B + (s - bi * B);
+                if (p < 0x7fffffffLL && (!use_ends || p < ends[t])) pos = (int)p;
+            }
+        }
+    }
+    out[i] = pos;
+}
+
+extern "C" __global__ void force_blocks(float* __restrict__ J, const int* __restrict__ ends, int T, int nb, int B) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T || nb <= 0) return;
+    float* row = J + (long long)t * nb;
+    row[0] = POS_INF;  // the first block
+    const int e = ends[t];
+    if (e >= 1) {
+        const int own = (e - 1) / B;  // the block holding the query's own position
+        if (own < nb) row[own] = POS_INF;
+    }
 }

@@ -6,13 +6,19 @@ being position p = blocks[t, j // B] * B + j % B. Each visible candidate gets th
     I[t, p] = sum_h w[t,h] * ReLU(qs[t,h] * ks[p] * q[t,h] . k[p])
 
 and everything else (padding blocks, positions >= ends[t]) gets -inf. The top-k of a row is then taken over
-slots and mapped back to positions with `slots_to_positions`.
+slots and mapped back to positions with `slots_to_positions`. `force_blocks` is the step before the block
+top-m: the first block and each query's own block get +inf.
+
+hisa_token_scores, slots_to_positions and force_blocks dispatch on where their first array lives: CuPy
+arrays go to kernels/hisa_tokens.cu, numpy arrays to the reference (the oracle of the GPU tests).
 """
 import functools
+import os
+import warnings
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, xp_of
+from kernels._cuda import KERNEL_DIR, check, check_array, is_gpu, kernel, module, xp_of
 from kernels.fp8 import E4M3_TABLE
 
 
@@ -70,7 +76,7 @@ def hisa_token_scores_reference(q, w, keys, blocks, B, ends, q_scale=None, key_s
     return out
 
 
-def slots_to_positions(slots, blocks, B, ends=None):
+def slots_to_positions_reference(slots, blocks, B, ends=None):
     """Map top-k slots [T, k] (-1 padded) to cache positions: blocks[t, slot // B] * B + slot % B.
 
     A slot stays -1 when it is padding, falls in a padding block, or (given ends [T]) lies at or beyond
@@ -86,9 +92,41 @@ def slots_to_positions(slots, blocks, B, ends=None):
     return xp.where(keep, pos, -1).astype(np.int32)
 
 
-# --- GPU launcher --------------------------------------------------------------------------------------
+def force_blocks_reference(J, ends, B):
+    """In place on block scores J [T, nb]: J[t, 0] = +inf and J[t, (ends[t] - 1) // B] = +inf, the block
+    holding query t's own position (skipped when ends[t] < 1 or that block is not a column of J). Returns J."""
+    xp = xp_of(J)
+    T, nb = J.shape
+    if nb == 0:
+        return J
+    J[:, 0] = np.inf
+    own = (xp.asarray(ends).astype(np.int64) - 1) // B                            # (T,)
+    rows = xp.nonzero((own >= 0) & (own < nb))[0]
+    J[rows, own[rows]] = np.inf
+    return J
 
-NT = 64  # slots per tile (hisa_tokens.cu)
+
+# --- GPU launchers --------------------------------------------------------------------------------------
+
+TILE = 128                   # slots per tile of the wgmma kernel (hisa_tokens.cu WG_NT)
+MAX_TILES = 256              # tiles one CTA of the wgmma kernel can take (WG_MAXT)
+NT = 64                      # slots per tile of the mma.sync kernel
+WGMMA_ROWS = (64, 128, 256)  # q/key row bytes the wgmma kernel's swizzled layouts handle
+# "auto": the wgmma kernel on sm_90 (Hopper) where the row size allows, the mma.sync kernel otherwise;
+# "mma" forces the mma.sync kernel, "wgmma" refuses to fall back.
+DEFAULT_PATH = "auto"
+
+_U8, _U16, _I32, _F32 = (np.dtype(d) for d in (np.uint8, np.uint16, np.int32, np.float32))
+
+
+def _want(a, name, dtype, shape):
+    """check_array on the hot path: four cheap tests, the detailed message only on failure."""
+    if not (is_gpu(a) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
+        check_array(a, name, dtype, ndim=len(shape), shape=shape)
+
+
+def _what(a):
+    return f"{type(a).__name__} {getattr(a, 'shape', '')}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,63 +136,285 @@ def _sm_count():
 
 
 def _bits_u16(a):
-    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+    """bf16 arrays as their bit patterns (uint16); anything else unchanged (dtype.name is slow: asked last)."""
+    d = a.dtype
+    if d == _U8 or d == _U16:
+        return a
+    return a.view(np.uint16) if d.name == "bfloat16" else a
 
 
-def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=None):
-    """Launcher for hisa_tokens.cu. fp8: uint8 q/keys with scales; float: bf16 bits (uint16) q/keys."""
-    import cupy as cp
-    q, keys = _bits_u16(q), _bits_u16(keys)
-    fp8 = q.dtype == np.uint8
-    check(q.ndim == 3, f"q: rank {q.ndim} (shape {q.shape}), expected [T, Hi, Di]")
-    T, Hi, Di = q.shape
-    check(blocks.ndim == 2, f"blocks: rank {blocks.ndim} (shape {blocks.shape}), expected [T, m]")
-    m = blocks.shape[1]
-    cap = keys.shape[0]
-    elem = np.uint8 if fp8 else np.uint16
-    check_array(q, "q", elem, ndim=3)
-    check_array(keys, "keys", elem, ndim=2, shape=(None, Di))
-    check_array(w, "w", np.float32, shape=(T, Hi))
-    check_array(blocks, "blocks", np.int32, shape=(T, m))
-    check_array(ends, "ends", np.int32, shape=(T,))
-    if fp8:
-        check(q_scale is not None and key_scale is not None, "hisa_token_scores: fp8 q/keys need q_scale and key_scale")
-        check_array(q_scale, "q_scale", np.float32, shape=(T, Hi))
-        check_array(key_scale, "key_scale", np.float32, shape=(cap,))
+def wgmma_stages(row_bytes):
+    """Depth of the wgmma kernel's gather ring: the deepest (2..5) that keeps a CTA near 100 KB of shared
+    memory, so that two CTAs (16 warps, 6-8 key tiles in flight) share an SM."""
+    return max(2, min(5, (100 * 1024 - 64 * row_bytes - 2048) // (128 * row_bytes + 1024)))
+
+
+def wgmma_smem(row_bytes, stages):
+    """Dynamic shared memory of the wgmma kernel (wgmma_body's SMEM): the q tile, `stages` key tiles with a
+    position and a k scale a row, the live-tile list and its count, 1024 bytes of alignment slack."""
+    return 64 * row_bytes + stages * (128 * row_bytes + 1024) + 4 * (MAX_TILES + 1) + 1024
+
+
+def defines(fp8, Di, Hi):
+    """hisa_tokens.cu's -D set for one (mode, Di, Hi); both score kernels compile from it."""
+    row_bytes = Di * (1 if fp8 else 2)
+    mt = 1 if Hi <= 16 else 2 if Hi <= 32 else 4
+    stages = 3 if 3 * NT * (row_bytes + 16) <= 40 * 1024 else 2
+    return (f"HT_FP8={int(fp8)}", f"HT_DI={Di}", f"HT_MT={mt}", f"HT_STAGES={stages}",
+            f"HT_WSTAGES={wgmma_stages(row_bytes)}")
+
+
+def plan(T, Hi, Di, fp8, m, B, wgmma, num_sms=132, splits=None):
+    """Kernel name, grid, block, dynamic shared memory and slots per CTA for one call (mirrors hisa_tokens.cu).
+
+    A query's m*B slots are cut over `splits` CTAs (grid.y) when there are few queries (decode), so the
+    work still spreads over every SM: by default about 4 waves of resident CTAs.
+    """
+    check(m * B >= 1, f"hisa_token_scores: m*B = {m * B}, nothing to plan")
+    row_bytes = Di * (1 if fp8 else 2)
+    if wgmma:
+        name, threads, tile, smem = "hisa_token_scores_wgmma", 256, TILE, wgmma_smem(row_bytes, wgmma_stages(row_bytes))
     else:
-        check(q_scale is None and key_scale is None, "hisa_token_scores: bf16 q/keys take no scales")
-    check(1 <= Hi <= 64, f"hisa_token_scores: Hi = {Hi}, the kernel holds at most 64 heads")
-    row_bytes = Di * q.itemsize
+        name, threads, tile, smem = "hisa_token_scores", 128, NT, 0
+    tiles = -(-m * B // tile)
+    if splits is None:
+        if wgmma:  # 2 CTAs an SM
+            splits = -(-8 * num_sms // T)
+        else:      # the mma.sync kernel keeps >= 2 tiles a CTA for its pipeline
+            splits = min(-(-4 * num_sms // T), tiles // 2)
+    nsplit = max(1, min(int(splits), tiles))
+    if wgmma:
+        nsplit = max(nsplit, -(-tiles // MAX_TILES))
+    per_cta = -(-tiles // nsplit)
+    nsplit = -(-tiles // per_cta)  # no empty CTAs
+    check(nsplit <= 65535, f"hisa_token_scores: {tiles} tiles a query need {nsplit} CTAs, the grid allows 65535")
+    return name, (T, nsplit), (threads,), smem, per_cta * tile
+
+
+@functools.lru_cache(maxsize=None)
+def _module(defs):
+    """hisa_tokens.cu built for one -D set: (module, has_wgmma).
+
+    The wgmma kernel needs the arch-specific target sm_90a, which CuPy's RawModule does not ask NVRTC for,
+    so on Hopper NVRTC is called here (as in kernels/indexer.py). Anywhere else, or if that fails, CuPy
+    builds it and only the mma.sync kernel is usable (the wgmma entry point traps there).
+    """
+    import cupy as cp
+    if cp.cuda.Device().compute_capability == "90":
+        try:
+            from cupy.cuda import nvrtc
+            with open(os.path.join(KERNEL_DIR, "hisa_tokens.cu")) as f:
+                source = f.read()
+            options = ["--std=c++17", "-arch=sm_90a"] + [f"-D{d}" for d in defs]
+            prog = nvrtc.createProgram(source, "hisa_tokens.cu", [], [])
+            try:
+                try:
+                    nvrtc.compileProgram(prog, options)
+                except nvrtc.NVRTCError as e:
+                    raise RuntimeError(f"NVRTC failed on hisa_tokens.cu:\n{nvrtc.getProgramLog(prog)}") from e
+                cubin = nvrtc.getCUBIN(prog)
+            finally:
+                nvrtc.destroyProgram(prog)
+            mod = cp.cuda.function.Module()
+            mod.load(cubin)
+            return mod, True
+        except Exception as e:  # keep working on the mma.sync kernel, but say why
+            warnings.warn(f"hisa_tokens: sm_90a build failed, using the mma.sync kernel ({e})")
+    return module("hisa_tokens.cu", defs), False
+
+
+@functools.lru_cache(maxsize=None)
+def _function(defs, name, smem):
+    """A score kernel, opted into `smem` bytes of dynamic shared memory (above 48 KB needs the opt-in)."""
+    import cupy as cp
+    f = _module(defs)[0].get_function(name)
+    if smem > 0:
+        if hasattr(f, "max_dynamic_shared_size_bytes"):  # RawKernel (CuPy-built module)
+            f.max_dynamic_shared_size_bytes = smem
+        else:                                            # cupy.cuda.function.Function (our sm_90a build)
+            drv = cp.cuda.driver
+            drv.funcSetAttribute(f.ptr, getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8), smem)
+    return f
+
+
+@functools.lru_cache(maxsize=256)
+def _launch(T, Hi, Di, fp8, m, B, cap, path, splits):
+    """(kernel, grid, block, shared memory, trailing scalar arguments) for one call shape, checked once."""
+    check(1 <= Hi <= 64, f"hisa_token_scores: Hi = {Hi}, the kernels hold 1 to 64 heads")
+    row_bytes = Di * (1 if fp8 else 2)
     check(row_bytes % 32 == 0 and row_bytes <= 256,
           f"hisa_token_scores: Di = {Di} ({row_bytes} bytes a row); rows must be a multiple of 32 bytes, at most 256")
-    check(B >= 1, f"hisa_token_scores: block size {B}")
-    check(m * B < 2**31, f"hisa_token_scores: m*B = {m * B} slots overflow int32")
-    for a, name in ((q, "q"), (keys, "keys")):
-        check(a.data.ptr % 16 == 0, f"{name}: base address must be 16-byte aligned for cp.async")
+    check(m * B + TILE < 2**31, f"hisa_token_scores: m*B = {m * B} slots overflow int32")
+    check(path in ("auto", "wgmma", "mma"), f"hisa_token_scores: path {path!r}, expected auto, wgmma or mma")
+    defs = defines(fp8, Di, Hi)
+    wgmma = path != "mma" and row_bytes in WGMMA_ROWS and _module(defs)[1]
+    check(path != "wgmma" or wgmma, f"hisa_token_scores: the wgmma kernel needs an sm_90 GPU (sm_90a build) and "
+                                    f"rows of {WGMMA_ROWS} bytes (here {row_bytes})")
+    name, grid, block, smem, per_cta = plan(T, Hi, Di, fp8, m, B, wgmma, _sm_count(), splits)
+    i32 = np.int32
+    if wgmma:
+        lgB = B.bit_length() - 1 if B & (B - 1) == 0 else -1  # shift instead of divide for power-of-two B
+        tail = (i32(Hi), i32(m), i32(B), i32(lgB), i32(cap), i32(per_cta), i32(smem))
+    else:
+        tail = (i32(Hi), i32(m), i32(B), i32(cap), i32(per_cta))
+    return _function(defs, name, smem), grid, block, smem, tail
 
-    out = cp.full((T, m * B), np.nan, np.float32)  # NaN: an unwritten slot shows up in tests
-    if T == 0 or m * B == 0:
+
+def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=None, *, out=None, path=None,
+                          splits=None):
+    """Launcher for hisa_tokens.cu -> fp32 [T, m*B], every element written (no device sync, no host copy).
+
+    fp8: q uint8 [T, Hi, Di] and keys uint8 [cap, Di] (e4m3 bits) with q_scale fp32 [T, Hi], key_scale fp32
+    [cap]; float: bf16 bits (uint16 or bfloat16), no scales. w fp32 [T, Hi], blocks int32 [T, m], ends int32
+    [T]. out: fp32 [T, m*B] to write into instead of a new array; path: "auto" / "wgmma" / "mma"
+    (DEFAULT_PATH); splits: CTAs a query (default from plan).
+    """
+    import cupy as cp
+    q, keys = _bits_u16(q), _bits_u16(keys)
+    if not (is_gpu(q) and q.ndim == 3 and is_gpu(keys) and keys.ndim == 2 and is_gpu(blocks) and blocks.ndim == 2):
+        raise ValueError(f"hisa_token_scores: expected CuPy q [T, Hi, Di], keys [cap, Di], blocks [T, m]; got "
+                         f"q {_what(q)}, keys {_what(keys)}, blocks {_what(blocks)}")
+    fp8 = q.dtype == _U8
+    T, Hi, Di = q.shape
+    m, cap = blocks.shape[1], keys.shape[0]
+    elem = _U8 if fp8 else _U16
+    _want(q, "q", elem, (T, Hi, Di))
+    _want(keys, "keys", elem, (cap, Di))
+    _want(w, "w", _F32, (T, Hi))
+    _want(blocks, "blocks", _I32, (T, m))
+    _want(ends, "ends", _I32, (T,))
+    if fp8:
+        if q_scale is None or key_scale is None:
+            raise ValueError("hisa_token_scores: fp8 q/keys need q_scale and key_scale")
+        _want(q_scale, "q_scale", _F32, (T, Hi))
+        _want(key_scale, "key_scale", _F32, (cap,))
+        qs, ks = q_scale, key_scale
+    else:
+        if q_scale is not None or key_scale is not None:
+            raise ValueError("hisa_token_scores: bf16 q/keys take no scales")
+        qs = ks = w  # placeholders: the bf16 kernels never read them
+    if q.data.ptr % 16 or keys.data.ptr % 16:
+        raise ValueError(f"hisa_token_scores: q and keys must be 16-byte aligned for cp.async "
+                         f"(q at {q.data.ptr:#x}, keys at {keys.data.ptr:#x})")
+    B = int(B)
+    if B < 1:
+        raise ValueError(f"hisa_token_scores: block size {B}")
+    if out is None:
+        out = cp.empty((T, m * B), np.float32)
+    else:
+        _want(out, "out", _F32, (T, m * B))
+    if T == 0 or m == 0:
         return out
-    mt = 1 if Hi <= 16 else 2 if Hi <= 32 else 4
-    stage_bytes = NT * (row_bytes + 16)
-    stages = 3 if 3 * stage_bytes <= 40 * 1024 else 2
-    # Split a query's slots over several CTAs when there are few queries (decode), >= 2 tiles per CTA.
-    tiles = -(-m * B // NT)
-    nsplit = max(1, min(-(-4 * _sm_count() // T), tiles // 2))
-    tiles_per_cta = -(-tiles // nsplit)
-    nsplit = -(-tiles // tiles_per_cta)
-    defines = (f"HT_FP8={int(fp8)}", f"HT_DI={Di}", f"HT_MT={mt}", f"HT_STAGES={stages}")
-    qs = q_scale if fp8 else w  # unused placeholders in bf16 mode
-    ks = key_scale if fp8 else w
-    kernel("hisa_tokens.cu", "hisa_token_scores", defines)(
-        (T, nsplit), (128,),
-        (q, qs, w, keys, ks, blocks, ends, out,
-         np.int32(Hi), np.int32(m), np.int32(B), np.int32(cap), np.int32(tiles_per_cta * NT)))
+    fn, grid, block, smem, tail = _launch(T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH,
+                                          None if splits is None else int(splits))
+    fn(grid, block, (q, qs, w, keys, ks, blocks, ends, out) + tail, shared_mem=smem)
     return out
 
+
+@functools.lru_cache(maxsize=None)
+def _map_kernel(name):
+    return kernel("hisa_tokens.cu", name)
+
+
+def slots_to_positions_gpu(slots, blocks, B, ends=None):
+    """Launcher for hisa_tokens.cu:slots_to_positions: slots int32 [T, K], blocks int32 [T, m], ends int32
+    [T] or None -> int32 [T, K], one thread an element (the reference's semantics; slots >= m*B give -1)."""
+    import cupy as cp
+    if not (is_gpu(slots) and slots.ndim == 2 and is_gpu(blocks) and blocks.ndim == 2):
+        raise ValueError(f"slots_to_positions: expected CuPy slots [T, K], blocks [T, m]; got "
+                         f"slots {_what(slots)}, blocks {_what(blocks)}")
+    T, K = slots.shape
+    m = blocks.shape[1]
+    _want(slots, "slots", _I32, (T, K))
+    _want(blocks, "blocks", _I32, (T, m))
+    if ends is not None:
+        _want(ends, "ends", _I32, (T,))
+    B = int(B)
+    n = T * K
+    if B < 1 or n >= 2**31:
+        raise ValueError(f"slots_to_positions: B = {B} (must be >= 1), T*K = {n} (must be < 2^31)")
+    out = cp.empty((T, K), np.int32)
+    if n == 0:
+        return out
+    _map_kernel("slots_to_positions")(
+        ((n + 255) // 256,), (256,),
+        (slots, blocks, blocks if ends is None else ends, out, np.int32(n), np.int32(K), np.int32(m), np.int32(B),
+         np.int32(ends is not None)))
+    return out
+
+
+def force_blocks_gpu(J, ends, B):
+    """Launcher for hisa_tokens.cu:force_blocks: in place on fp32 J [T, nb] (C-contiguous), ends int32 [T]."""
+    if not (is_gpu(J) and J.ndim == 2):
+        raise ValueError(f"force_blocks: expected a CuPy J [T, nb], got {_what(J)}")
+    T, nb = J.shape
+    _want(J, "J", _F32, (T, nb))
+    _want(ends, "ends", _I32, (T,))
+    B = int(B)
+    if B < 1:
+        raise ValueError(f"force_blocks: block size {B}")
+    if T and nb:
+        _map_kernel("force_blocks")(((T + 127) // 128,), (128,), (J, ends, np.int32(T), np.int32(nb), np.int32(B)))
+    return J
+
+
+# --- Dispatch ---------------------------------------------------------------------------------------------
 
 def hisa_token_scores(q, w, keys, blocks, B, ends, q_scale=None, key_scale=None):
     """Dispatch: CuPy arrays to the kernel, numpy arrays to the reference."""
     if is_gpu(q):
         return hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale, key_scale)
     return hisa_token_scores_reference(q, w, keys, blocks, B, ends, q_scale, key_scale)
+
+
+def slots_to_positions(slots, blocks, B, ends=None):
+    """Top-k slots [T, k] (-1 padded) -> positions blocks[t, slot // B] * B + slot % B, -1 where invisible."""
+    if is_gpu(slots):
+        return slots_to_positions_gpu(slots, blocks, B, ends)
+    return slots_to_positions_reference(slots, blocks, B, ends)
+
+
+def force_blocks(J, ends, B):
+    """In place: the first block and the block holding each query's position get +inf in J [T, nb]."""
+    if is_gpu(J):
+        return force_blocks_gpu(J, ends, B)
+    return force_blocks_reference(J, ends, B)
+
+
+# --- Benchmark ------------------------------------------------------------------------------------------
+
+def bench_token_scores(T, L, Hi=64, Di=128, B=128, m=64, path=None, splits=None, reps=20):
+    """Median milliseconds of one hisa_token_scores_gpu call (CUDA events, after warm-up, launch included).
+
+    fp8 inputs with random bits: T queries at the end of an L-token key cache, each keeping m random
+    blocks (ascending), so the gathers are as scattered as in the worst case. path/splits as in the launcher.
+    """
+    import cupy as cp
+    rng = cp.random.default_rng(0)
+
+    def bits(shape):  # e4m3 bits without the NaN patterns
+        b = rng.integers(0, 256, size=shape, dtype=np.int32).astype(np.uint8)
+        return cp.where((b & 0x7F) == 0x7F, np.uint8(0), b)
+
+    nb = -(-L // B)
+    q, keys = bits((T, Hi, Di)), bits((L, Di))
+    qs, ks = cp.ones((T, Hi), np.float32), cp.ones(L, np.float32)
+    w = rng.standard_normal((T, Hi), dtype=np.float32)
+    blocks = cp.sort(cp.argsort(rng.random((T, nb)), axis=1)[:, :m], axis=1).astype(np.int32)
+    ends = cp.arange(L - T + 1, L + 1, dtype=np.int32)
+    out = cp.empty((T, blocks.shape[1] * B), np.float32)
+
+    def call():
+        hisa_token_scores_gpu(q, w, keys, blocks, B, ends, qs, ks, out=out, path=path, splits=splits)
+
+    for _ in range(3):
+        call()
+    times = []
+    begin, end = cp.cuda.Event(), cp.cuda.Event()
+    for _ in range(reps):
+        begin.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(begin, end))
+    return float(np.median(times))

@@ -1,10 +1,16 @@
-"""HISA token stage: the reference against naive loops, slot -> position mapping, and hisa_tokens.cu parity."""
+"""HISA token stage: the references against naive loops (CPU), launch plans and ptxas budgets (CPU, nvcc),
+and hisa_tokens.cu's kernels against the references (GPU)."""
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU
+from kernels._cuda import HAVE_GPU, KERNEL_DIR
 from kernels.fp8 import E4M3_TABLE, e4m3_encode, quantize_ue8m0
-from kernels.hisa_tokens import hisa_token_scores, indexer_scores_f64, slots_to_positions
+from kernels import hisa_tokens as ht
+from kernels.hisa_tokens import force_blocks, hisa_token_scores, indexer_scores_f64, slots_to_positions
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: hisa_tokens kernel parity runs on the GPU machine")
 
@@ -129,50 +135,226 @@ def test_empty_sizes():
     assert out.shape == (0, 8)
 
 
-# --- GPU parity ----------------------------------------------------------------------------------------
+def naive_force(J, ends, B):
+    J = J.copy()
+    for t in range(J.shape[0]):
+        J[t, 0] = np.inf
+        own = (int(ends[t]) - 1) // B
+        if ends[t] >= 1 and own < J.shape[1]:
+            J[t, own] = np.inf
+    return J
 
-def gpu_case(rng, T, Hi, Di, B, m, cap, mode, n_pad=0, ends=None):
+
+def test_force_blocks():
+    rng = np.random.default_rng(15)
+    B, nb = 16, 9
+    ends = np.array([1, 16, 17, 144, 143, 0, 200, 40], np.int32)  # block edges; 0: no own block; 200: past J
+    J = rng.standard_normal((len(ends), nb)).astype(np.float32)
+    got = J.copy()
+    assert force_blocks(got, ends, B) is got  # in place
+    np.testing.assert_array_equal(got, naive_force(J, ends, B))
+    assert force_blocks(np.zeros((3, 0), np.float32), ends[:3], B).shape == (3, 0)
+
+
+# --- CPU: launch plans and ptxas budgets --------------------------------------------------------------
+
+@pytest.mark.parametrize("fp8,Di", [(True, 128), (True, 64), (True, 256), (False, 128), (False, 64), (False, 32)])
+def test_wgmma_plans(fp8, Di):
+    for T, m, B in [(1, 64, 128), (7, 64, 128), (1024, 64, 128), (3, 5, 7), (2, 13, 20), (1, 40000, 128)]:
+        name, grid, block, smem, per_cta = ht.plan(T, 64, Di, fp8, m, B, True)
+        assert name == "hisa_token_scores_wgmma" and block == (256,)
+        assert 2 * (smem + 1024) <= 228 * 1024, f"{smem} B: two CTAs must fit an SM"
+        assert per_cta % ht.TILE == 0 and per_cta <= ht.TILE * ht.MAX_TILES
+        assert grid[0] == T and 1 <= grid[1] <= 65535
+        assert grid[1] * per_cta >= m * B > (grid[1] - 1) * per_cta, "every slot covered, no empty CTA"
+    # released dims: decode spreads one query over 64 CTAs of one tile, 1024 queries take 2 CTAs each
+    assert ht.plan(1, 64, 128, True, 64, 128, True)[1] == (1, 64)
+    assert ht.plan(1024, 64, 128, True, 64, 128, True)[1] == (1024, 2)
+
+
+def test_mma_plans():
+    for T, m, B in [(1, 64, 128), (1024, 64, 128), (3, 5, 7)]:
+        name, grid, block, smem, per_cta = ht.plan(T, 64, 128, True, m, B, False)
+        assert name == "hisa_token_scores" and block == (128,) and smem == 0
+        assert per_cta % ht.NT == 0 and grid[1] * per_cta >= m * B > (grid[1] - 1) * per_cta
+
+
+NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+@pytest.mark.parametrize("fp8,Di,Hi", [(True, 128, 64), (True, 64, 4), (True, 256, 8), (False, 128, 64),
+                                       (False, 64, 32), (False, 32, 16), (True, 96, 16)])
+def test_kernels_compile_without_spills(arch, fp8, Di, Hi, tmp_path):
+    """Every -D set the launcher can ask for builds with no warning and no spill (registers within the
+    launch bounds: 2 CTAs of 256 threads for wgmma, 5 of 128 for mma.sync)."""
+    cmd = [NVCC, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v"] + [f"-D{d}" for d in ht.defines(fp8, Di, Hi)]
+    cmd += ["-o", str(tmp_path / "k.cubin"), os.path.join(KERNEL_DIR, "hisa_tokens.cu")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr.lower() and "performance loss" not in res.stderr.lower(), res.stderr
+    spills = [line for line in res.stderr.splitlines()
+              if "spill" in line and "0 bytes spill stores, 0 bytes spill loads" not in line]
+    assert not spills, "\n".join(spills)
+
+
+# --- GPU: the kernels against the references ------------------------------------------------------------
+
+RTOL = {("fp8", "mma"): 1e-3,    # exact products, fp32 sums in another order
+        ("fp8", "wgmma"): 2e-3,  # Hopper's fp8 wgmma accumulates with fewer than fp32's bits
+        ("bf16", "mma"): 1e-3, ("bf16", "wgmma"): 1e-3}
+
+
+def gpu_paths():
+    if not HAVE_GPU:
+        return ["mma", "wgmma"]
+    import cupy as cp
+    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability == "90" else ["mma"]
+
+
+def gpu_case(rng, T, Hi, Di, B, m, cap, mode, path, n_pad=0, ends=None, rows=None, splits=None):
+    """One kernel call into a NaN-poisoned out: -inf exactly at the invisible slots of every row, the scores
+    of `rows` (default all) within RTOL of the reference (relative to the row's largest |score|)."""
     import cupy as cp
     q, w, keys, qs, ks = make_inputs(rng, T, Hi, Di, cap, mode)
     blocks = random_blocks(rng, T, m, cap // B, n_pad)
     if ends is None:
         ends = rng.integers(1, cap + 1, T).astype(np.int32)
-    want = hisa_token_scores(q, w, keys, blocks, B, ends, qs, ks)
     g = lambda a: None if a is None else cp.asarray(a)
-    got = hisa_token_scores(g(q), g(w), g(keys), g(blocks), B, g(ends), g(qs), g(ks)).get()
-    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} slots never written"
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg="-inf patterns differ")
-    assert np.all(got[np.isinf(got)] < 0)
+    out = cp.full((T, m * B), np.nan, np.float32)  # poison: every element must be written
+    got = ht.hisa_token_scores_gpu(g(q), g(w), g(keys), g(blocks), B, g(ends), g(qs), g(ks), out=out, path=path,
+                                   splits=splits).get()
+    what = f"{mode}/{path} T={T} Hi={Hi} Di={Di} B={B} m={m} splits={splits}"
+    assert not np.isnan(got).any(), f"{what}: {np.isnan(got).sum()} slots never written, e.g. {np.argwhere(np.isnan(got))[:5].tolist()}"
+    j = np.arange(m * B)
+    blk = blocks[:, j // B].astype(np.int64)
+    pos = blk * B + j % B
+    visible = (blk >= 0) & (pos < ends[:, None])
+    bad = np.isfinite(got) != visible
+    assert not bad.any(), f"{what}: -inf pattern differs at (t, j) {np.argwhere(bad)[:5].tolist()}"
+    assert np.all(got[~visible] == -np.inf)
+    rows = np.arange(T) if rows is None else np.asarray(rows)
+    sub = lambda a: None if a is None else a[rows]
+    want = hisa_token_scores(q[rows], w[rows], keys, blocks[rows], B, ends[rows], sub(qs), ks)
+    have = got[rows]
     fin = np.isfinite(want)
     if fin.any():
-        rowmax = np.array([np.abs(want[i][fin[i]]).max() if fin[i].any() else 1.0 for i in range(T)])
+        rowmax = np.array([np.abs(want[i][fin[i]]).max() if fin[i].any() else 1.0 for i in range(len(rows))])
         err = np.zeros(want.shape)
-        err[fin] = np.abs(got[fin].astype(np.float64) - want[fin])
+        err[fin] = np.abs(have[fin].astype(np.float64) - want[fin])
         err /= np.maximum(rowmax[:, None], 1e-30)
-        assert err.max() <= 1e-3, report(got, want, f"{mode} scores")
+        assert err.max() <= RTOL[mode, path], report(have, want, what)
 
 
 @gpu
+@pytest.mark.parametrize("path", gpu_paths())
 @pytest.mark.parametrize("mode", ["fp8", "bf16"])
-@pytest.mark.parametrize("T", [1, 5])
-def test_gpu_released_dims(mode, T):
+@pytest.mark.parametrize("T", [1, 5, 7])
+def test_gpu_released_dims(mode, T, path):
     rng = np.random.default_rng(12)
     # Hi=64, Di=128, B=128, m=64: 8192 candidates a query out of 128 blocks; padding and ragged ends
+    # (128: exactly block 0; 129: one slot of the next block; 1: a single visible slot)
     cap = 128 * 128
-    ends = np.array([cap, cap - 77, 9000, 130, 1][:T], np.int32)
-    gpu_case(rng, T, 64, 128, 128, 64, cap, mode, n_pad=3, ends=ends)
+    ends = np.array([cap, cap - 77, 9000, 130, 1, 128, 129][:T], np.int32)
+    gpu_case(rng, T, 64, 128, 128, 64, cap, mode, path, n_pad=3, ends=ends)
 
 
 @gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_gpu_released_dims_1024_queries(mode, path):
+    """The benchmark's setting: the last 1024 queries of a context, 64 kept blocks each (rows sampled)."""
+    rng = np.random.default_rng(16)
+    T, cap = 1024, 256 * 128
+    ends = np.arange(cap - T + 1, cap + 1, dtype=np.int32)
+    rows = np.concatenate([[0, 1, T - 1], rng.choice(np.arange(2, T - 1), 29, replace=False)])
+    gpu_case(rng, T, 64, 128, 128, 64, cap, mode, path, ends=ends, rows=rows)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
 @pytest.mark.parametrize("mode,Hi,Di,B,m,cap,T", [
     ("fp8", 4, 64, 16, 3, 100, 1),     # small model shape, decode
     ("fp8", 8, 64, 7, 5, 90, 6),       # B not a multiple of 8: tiles straddle blocks
     ("fp8", 16, 128, 32, 9, 500, 3),
     ("fp8", 32, 128, 20, 13, 400, 2),  # two head tiles
     ("fp8", 48, 64, 128, 2, 300, 2),   # padded head tile
+    ("fp8", 8, 256, 16, 4, 200, 2),    # 256-byte fp8 rows
+    ("fp8", 64, 128, 96, 7, 960, 4),   # B = 96: 128-slot tiles straddle blocks
+    ("fp8", 64, 128, 1, 300, 400, 3),  # B = 1: a tile spans 128 blocks
+    ("fp8", 64, 128, 128, 20, 5120, 300),  # several tiles a CTA, live and dead ones mixed
     ("bf16", 4, 64, 16, 3, 100, 1),
     ("bf16", 32, 128, 9, 11, 200, 4),
+    ("bf16", 16, 32, 8, 20, 400, 5),   # 64-byte bf16 rows (64-byte swizzle)
+    ("bf16", 64, 128, 128, 8, 2048, 3),  # 256-byte bf16 rows
 ])
-def test_gpu_ragged_small(mode, Hi, Di, B, m, cap, T):
+def test_gpu_ragged_small(mode, Hi, Di, B, m, cap, T, path):
     rng = np.random.default_rng(13)
-    gpu_case(rng, T, Hi, Di, B, m, cap, mode, n_pad=1)
+    gpu_case(rng, T, Hi, Di, B, m, cap, mode, path, n_pad=1)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("splits", [1, 3, 64])
+def test_gpu_splits(splits, path):
+    """A query's slots over 1 CTA (64 tiles: two rounds of warp 0's live list), 3 uneven CTAs, or 64."""
+    rng = np.random.default_rng(18)
+    cap = 160 * 128
+    ends = np.array([cap, 5000, 128 * 70 + 3], np.int32)
+    gpu_case(rng, 3, 64, 128, 128, 64, cap, "fp8", path, n_pad=5, ends=ends, splits=splits)
+
+
+@gpu
+def test_gpu_dispatcher_and_checks():
+    import cupy as cp
+    rng = np.random.default_rng(19)
+    T, Hi, Di, B, m, cap = 3, 64, 128, 128, 4, 1024
+    q, w, keys, qs, ks = make_inputs(rng, T, Hi, Di, cap, "fp8")
+    blocks = random_blocks(rng, T, m, cap // B, 1)
+    ends = np.array([1024, 300, 1], np.int32)
+    want = hisa_token_scores(q, w, keys, blocks, B, ends, qs, ks)
+    got = hisa_token_scores(*(cp.asarray(a) for a in (q, w, keys, blocks)), B, cp.asarray(ends), cp.asarray(qs),
+                            cp.asarray(ks)).get()
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=0, atol=2e-3 * np.abs(want[np.isfinite(want)]).max())
+    empty = hisa_token_scores(cp.asarray(q[:0]), cp.asarray(w[:0]), cp.asarray(keys), cp.asarray(blocks[:0]), B,
+                              cp.asarray(ends[:0]), cp.asarray(qs[:0]), cp.asarray(ks))
+    assert empty.shape == (0, m * B)
+    with pytest.raises(ValueError, match="blocks"):
+        hisa_token_scores(cp.asarray(q), cp.asarray(w), cp.asarray(keys), cp.asarray(blocks.astype(np.int64)), B,
+                          cp.asarray(ends), cp.asarray(qs), cp.asarray(ks))
+    with pytest.raises(ValueError, match="q_scale"):
+        hisa_token_scores(cp.asarray(q), cp.asarray(w), cp.asarray(keys), cp.asarray(blocks), B, cp.asarray(ends))
+
+
+@gpu
+def test_gpu_slots_to_positions():
+    import cupy as cp
+    rng = np.random.default_rng(17)
+    for T, m, B, K, nb in [(37, 9, 16, 50, 40), (1024, 64, 128, 2048, 1024), (2, 3, 7, 5, 4)]:
+        blocks = random_blocks(rng, T, m, nb, n_pad=2)
+        slots = rng.integers(-1, m * B, (T, K)).astype(np.int32)
+        slots[:, -3:] = -1  # top-k padding
+        ends = rng.integers(1, nb * B + 1, T).astype(np.int32)
+        for e in (None, ends):
+            want = slots_to_positions(slots, blocks, B, e)
+            got = slots_to_positions(cp.asarray(slots), cp.asarray(blocks), B, None if e is None else cp.asarray(e))
+            assert got.dtype == np.int32 and got.shape == (T, K)
+            np.testing.assert_array_equal(got.get(), want, err_msg=f"T={T} m={m} B={B} ends={e is not None}")
+
+
+@gpu
+def test_gpu_force_blocks():
+    import cupy as cp
+    rng = np.random.default_rng(20)
+    for T, nb, B in [(8, 9, 16), (1024, 1024, 128), (1, 1, 5)]:
+        ends = rng.integers(1, nb * B + 1, T).astype(np.int32)
+        ends[0] = 1
+        if T > 2:
+            ends[1], ends[2] = B, B + 1  # last slot of block 0, first of block 1
+        J = rng.standard_normal((T, nb)).astype(np.float32)
+        want = force_blocks(J.copy(), ends, B)
+        Jg = cp.asarray(J)
+        assert force_blocks(Jg, cp.asarray(ends), B) is Jg
+        np.testing.assert_array_equal(Jg.get(), want)
