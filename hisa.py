@@ -48,8 +48,8 @@ def block_scores(q, q_scale, w, pooled, ends):
     """J[t, b] over the blocks a query can see; first and own block +inf, future blocks -inf."""
     B = pooled.B
     n_blocks = -(-pooled.length // B)  # ends never pass the pooled length
-    own = (ends - 1) // B                                                         # (T,) block holding t
-    J = index_scores(q, w, pooled.k[:n_blocks], (own + 1).astype(np.int32), q_scale=q_scale,
+    block_ends = (ends + np.int32(B - 1)) // np.int32(B)                          # (T,) blocks t can see
+    J = index_scores(q, w, pooled.k[:n_blocks], block_ends, q_scale=q_scale,
                      k_scale=None if q_scale is None else pooled.k_scale[:n_blocks])  # (T, n_blocks)
     return force_blocks(J, ends, B)  # J[t, 0] = J[t, own block] = +inf
 

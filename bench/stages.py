@@ -13,7 +13,7 @@ import cupy as cp  # noqa: E402
 
 import hisa  # noqa: E402
 from bench.bench import B, K, M, make_inputs, timeit  # noqa: E402
-from kernels.hisa_tokens import hisa_token_scores, slots_to_positions  # noqa: E402
+from kernels.hisa_tokens import force_blocks, hisa_token_scores, slots_to_positions  # noqa: E402
 from kernels.indexer import index_scores  # noqa: E402
 from kernels.topk import topk  # noqa: E402
 
@@ -30,6 +30,8 @@ def main():
             pooled = hisa.PooledKeys(cache, B)
             pooled.update(0, L)
             J = hisa.block_scores(q, qs, w, pooled, ends)
+            nb = -(-L // B)
+            bends = ((ends - 1) // B + 1).astype(np.int32)
             blocks = topk(J, M)
             cand = hisa_token_scores(q, w, cache["k"], blocks, B, ends, q_scale=qs, key_scale=cache["k_scale"])
             slots = topk(cand, K)
@@ -38,6 +40,9 @@ def main():
                 "dsa scores": timeit(lambda: index_scores(q, w, cache["k"], ends, q_scale=qs, k_scale=cache["k_scale"])),
                 "dsa top-k": timeit(lambda: topk(I, K)),
                 "hisa block scores": timeit(lambda: hisa.block_scores(q, qs, w, pooled, ends)),
+                "  of which index_scores": timeit(lambda: index_scores(q, w, pooled.k[:nb], bends, q_scale=qs,
+                                                                        k_scale=pooled.k_scale[:nb])),
+                "  of which force_blocks": timeit(lambda: force_blocks(J, ends, B)),
                 "hisa top-m": timeit(lambda: topk(J, M)),
                 "hisa token scores": timeit(lambda: hisa_token_scores(q, w, cache["k"], blocks, B, ends, q_scale=qs,
                                                                       key_scale=cache["k_scale"])),

@@ -44,6 +44,10 @@
 //      d. warpgroup g: D[64 keys x 64 heads] = keys[64g .. 64g+63] . q^T, m64n64k32 e4m3 (k16 bf16),
 //         DB/32 steps; every warp owns 16 whole key rows, so the head sum is 16 FMAs a row in registers
 //         plus 2 quad shuffles, no cross-warp reduction; times ks, -inf where invalid, streamed out.
+//         fp8: Hopper's e4m3 wgmma accumulates with about 13 bits (the whole Di in one accumulation, as in
+//         kernels/indexer.cu), so a score is exact to about 1e-5 of
+//         sum_h |w qs| sum_i |q k| ks, not of the score itself: a score that cancels (0.0085 out of terms
+//         adding up to 25 in magnitude) may be 10-30% off. The tests bound the error by that sum.
 //    Preconditions (checked by the launcher): slots_per_cta a multiple of 128 and <= 128*WG_MAXT, Hi <= 64,
 //    arrays C-contiguous.
 // 2. hisa_token_scores (mma.sync, any sm_89+; the fallback for other row sizes or GPUs): fp8 as
