@@ -454,7 +454,7 @@ class Selector:
         S = start + T
         ends = (start + 1 + xp.arange(T)).astype(np.int32)                       # query t sees s < ends[t]
         if self.mode == "dsa":
-            return topk(indexer.scores(q, q_scale, w, cache, S, ends), self.K)    # (T, K)
+            return topk(indexer.scores(q, q_scale, w, cache, S, ends), self.K, lengths=ends)  # (T, K)
         if "pooled" not in cache:
             cache["pooled"] = hisa.PooledKeys(cache, self.B)
         pooled = cache["pooled"]

@@ -97,8 +97,10 @@ def make_inputs(L, Q, seed=0):
 def run_dsa(q, qs, w, cache, ends, chunk):
     for i in range(0, len(ends), chunk):
         S = int(ends[min(i + chunk, len(ends)) - 1])
-        topk(index_scores(q[i:i + chunk], w[i:i + chunk], cache["k"][:S], ends[i:i + chunk],
-                          q_scale=qs[i:i + chunk], k_scale=cache["k_scale"][:S]), K)
+        e = ends[i:i + chunk]
+        # row t holds ends[t] visible scores: the top-k reads only those
+        topk(index_scores(q[i:i + chunk], w[i:i + chunk], cache["k"][:S], e,
+                          q_scale=qs[i:i + chunk], k_scale=cache["k_scale"][:S]), K, lengths=e)
 
 
 def run_hisa(q, qs, w, cache, pooled, ends, chunk):

@@ -1,38 +1,60 @@
-// Per-row top-k by radix selection (a select, not a sort), indices returned in ascending order.
+// Per-row top-k by threshold selection (a select, not a sort), indices returned in ascending order.
 //
-//   out[r, :] = the column indices of the k largest valid scores[r, :], ascending, then -1 padding
+//   out[r, :] = the column indices of the k largest valid scores[r, :L_r], ascending, then -1 padding
 //
 // Valid means not -inf and not NaN (+inf is valid and largest; -0.0 counts as +0.0). Among equal scores
 // at the threshold the lower indices win, so the set is deterministic (SPEC section 5). A row with at
 // most k valid entries returns all of them, then -1 up to k.
 //
-// scores  float [R, N]  row-major, contiguous
-// out     int   [R, k]  row-major
-// N       1 <= N <= 2^30;  k: 1 <= k <= KMAX (2048), k > N allowed
-// vec     1 when every row start is 16-byte aligned (N % 4 == 0 and scores 16-byte aligned): float4 loads
-// cap     candidate-buffer capacity (elements), a multiple of 4; 0 disables the buffer (slow path only)
+// scores   float [R, N]      row-major, contiguous
+// lengths  int   [R]         row r considers columns [0, L_r), L_r = clamp(lengths[r], 0, N); the rest are
+//                            invalid and not read (a float4 load may touch up to 3 of them). null: L_r = N
+// out      int   [R, k]      row-major
+// gcand    uint  [R, cap, 2] split mode only (G > 1): a row's candidates (key, column) from all its CTAs
+// gcount   int   [R, 2]      split mode only, zero at launch and left zero: candidates published, CTAs done
+// N        1 <= N <= 2^30;  k: 1 <= k <= KMAX (2048), k > N allowed
+// vec      1 when every row start is 16-byte aligned (N % 4 == 0 and scores 16-byte aligned): float4 loads
+// cap      candidate-buffer capacity (elements), a multiple of 4 (0 allowed: forces the exact path)
+// G        CTAs per row (1: row mode); slice_groups: groups of 4 columns per CTA, G * slice_groups * 4 >= N
 //
-// Launch: grid (R), block (THREADS = 1024), dynamic shared memory 16672 + 8 * cap bytes, over 48 KB, so
-// `max_dynamic_shared_size_bytes` must be raised on the kernel beforehand (the launcher does, and sizes
-// cap from the opt-in limit: 26972 on H100/H200, 227 KB in all). ptxas (sm_90): 64 registers, no spills.
-// One CTA per row, one CTA per SM; a row is never split across CTAs (a row of 256K floats, 1 MB, is read
-// twice by one SM: with a single row, as in decode, the SM's own bandwidth bounds it).
+// Launch: grid (R * G), block (THREADS = 512), dynamic shared memory 16704 + max(8 cap, 32768) bytes, over
+// 48 KB, so `max_dynamic_shared_size_bytes` must be raised on the kernel beforehand (the launcher does, and
+// sizes cap so that two CTAs share an SM: cap 12376, 115712 B, on H100/H200). Row r's CTAs are blocks
+// r * G .. r * G + G - 1. ptxas (sm_90): 64 registers (the __launch_bounds__(512, 2) cap), no spills.
 //
 // Shared memory (dynamic, in this order):
-//   hist  int[2048]      histogram of the current 11-bit digit
-//   sel   int[KMAX]      the selected indices in two ascending runs (above the threshold bin, and from
-//                        the candidates) before the final merge
+//   hist  int[2048]      histogram of the current digit
+//   sel   int[KMAX]      selected columns (fast path: unordered, then sorted in place; exact path: two runs)
 //   wbuf  int[2][32]     per-warp totals of the block scans (double-buffered: one barrier per scan)
-//   misc  int[8]         result of find_bin
-//   ckey  uint[cap]      candidate keys  \ elements of the threshold bin, in index order
-//   cidx  int[cap]       candidate index /
+//   misc  int[16]        find_bin's result (0..2) and the counters named M_* below
+//   ckey  uint[cap]      candidate keys    \ the sample's keys (4 SAMPLE_G of them) before the candidates
+//   cidx  int[cap]       candidate columns /
 //
-// Method. Each fp32 maps to an order-preserving uint32 key: negatives flip every bit, non-negatives set
-// the sign bit; -inf and NaN map to 0 (invalid; every valid key is >= 0x00800000). The threshold key,
-// i.e. the k-th largest, is found digit by digit over bits 31..21, 20..10, 9..0 (three rounds of
-// histograms in shared memory). After each round the state is (P, pmask): the threshold's leading bits,
-// `above`: the number of elements whose leading bits exceed P (all selected), and `cnt`: the number
-// whose leading bits equal P (the threshold bin).
+// Keys. Each fp32 maps to an order-preserving uint32 key: negatives flip every bit, non-negatives set the
+// sign bit; -inf and NaN map to 0 (invalid; every valid key is >= ALL_VALID = key(-FLT_MAX)).
+//
+// Fast path (one read of the row). A CTA
+//   1. estimates a threshold T0 below the k-th largest key: if L > cap, from a strided sample of 8192
+//      scores of the row (the sample's r-th largest key, 22 bits of it, r chosen so that about
+//      1.5 k + 1024 scores of the row are expected >= T0); else T0 = ALL_VALID (every valid score);
+//   2. streams its slice of the row (8 float4 loads in flight per thread) and appends every score >= T0
+//      (one float compare each) as (key, column) to the shared candidate buffer, unordered, through one
+//      shared atomic per warp and tile; the count goes on past cap;
+//   3. split mode: publishes its candidates to gcand (a global atomic reserves the place), and the last
+//      CTA of the row to finish (a global done-counter) gathers them back into its shared memory;
+//   4. if C, the row's count, satisfies C <= cap and (C >= k or T0 = ALL_VALID), every score >= T0 is a
+//      candidate, so the candidates hold the answer: thr = their k-th largest key (radix select on
+//      key - min key, 11 bits a round), ties at thr go to the lowest columns (a second radix select on
+//      the columns of the tied candidates), the k chosen columns are compacted and sorted (bitonic).
+// Typical rows are read once, plus the sample: 2048 float4s spread evenly over the row (at 128K columns
+// one per 256 bytes, up to 1/8 more DRAM traffic unless L2 still holds them when step 2 passes).
+// Exact path, when step 4's condition fails (the sample misled, or > cap scores tie at T0: adversarial
+// rows such as few distinct values): one CTA re-reads the row by radix selection over the key's digits
+// 31..21, 20..10, 9..0 (below), two or three reads.
+//
+// Exact path in detail. After each round the state is (P, pmask): the threshold's leading bits, `above`:
+// the number of elements whose leading bits exceed P (all selected), and `cnt`: the number whose leading
+// bits equal P (the threshold bin).
 //   pass 1 (global)  histogram of bits 31..21 and the count of valid entries.
 //                    valid <= k: one ordered pass writes every valid index; done.
 //   later rounds     if the threshold bin already sits in the candidate buffer: histogram over it;
@@ -41,27 +63,46 @@
 //                    candidate buffer;
 //                    else: a global pass that only histograms the next digit (prefix-filtered).
 //   result           thr = the exact threshold key; need = k - #(key > thr) of the elements equal to thr
-//                    are taken, the lowest-index ones. Selected: key > thr, or key == thr and fewer than
-//                    `need` equal keys come before it in index order.
+//                    are taken, the lowest-index ones.
 //   output           gathered: the candidates are walked in index order (block scan) and the chosen ones
 //                    appended to `sel` after the above-bin run; the two ascending runs are merged into
-//                    the output. Not gathered (adversarial rows, e.g. > cap equal values): one more
-//                    global pass in index order writes the selected indices directly.
-// Typical rows read the data twice (pass 1 and the gathering pass); never is a candidate dropped.
+//                    the output. Not gathered: one more global pass in index order writes the selected
+//                    indices directly.
 // Ordered compaction: each thread holds a group of 4 consecutive elements; groups are laid out in
 // thread order, so an exclusive block scan of per-thread counts gives each element's output slot.
 
-#define THREADS 1024
+#define THREADS 512
 #define NWARPS (THREADS / 32)
 #define NBINS 2048
+#define BPT (NBINS / THREADS)  // histogram bins per thread in find_bin
 #define KMAX 2048
-#define UNROLL 4  // groups of 4 floats loaded per thread before any is processed (loads in flight)
+#define UNROLL 4               // exact path: groups of 4 floats loaded per thread before any is processed
+#define CUNROLL 8              // fast path: float4 loads in flight per thread
+#define SAMPLE_G 2048          // groups of 4 scores in the threshold sample (8192 scores, 32 KB of keys)
+#define TARGET_EXTRA 1024      // the sample aims at 1.5 k + TARGET_EXTRA scores >= T0
+#define SORT_CHUNK 128         // bitonic sort: positions a warp sorts in registers (4 per lane)
+#define IDX_TOP 30             // columns are < 2^30
+#define ALL_VALID 0x00800000u  // key(-FLT_MAX), the smallest valid key: T0 taking every valid score
 #define FULL_MASK 0xffffffffu
+#define NEG_INF __uint_as_float(0xff800000u)
 
-static_assert(NBINS == 2 * THREADS, "find_bin gives each thread two bins");
-static_assert(NWARPS == 32, "the block scan reduces one warp total per lane");
+// misc[] slots besides find_bin's 0..2
+#define M_COUNT 3  // candidates met by this CTA (may exceed cap)
+#define M_BASE 4   // split mode: this CTA's place in gcand
+#define M_LAST 5   // split mode: this CTA finished last
+#define M_MIN 6    // smallest candidate key
+#define M_MAX 7    // largest candidate key
+#define M_NSEL 8   // columns compacted into sel
+
+static_assert(NBINS % THREADS == 0, "find_bin gives each thread BPT bins");
+static_assert(NWARPS <= 32, "the block scan reduces one warp total per lane");
+static_assert(NWARPS * SORT_CHUNK == KMAX, "the bitonic sort covers KMAX positions with every warp");
+static_assert(SAMPLE_G % THREADS == 0, "the sample gives each thread the same number of groups");
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ unsigned umin(unsigned a, unsigned b) { return a < b ? a : b; }
+__device__ __forceinline__ unsigned umax(unsigned a, unsigned b) { return a > b ? a : b; }
 
 // Order-preserving key; 0 for the invalid values (-inf, NaN).
 __device__ __forceinline__ unsigned order_key(float v) {
@@ -69,6 +110,12 @@ __device__ __forceinline__ unsigned order_key(float v) {
     if ((u & 0x7fffffffu) > 0x7f800000u || u == 0xff800000u) return 0u;
     if (u == 0x80000000u) u = 0u;  // -0.0 ties with +0.0, as in float comparison
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The float of a key >= ALL_VALID (no larger than key(+inf)): for every score v, order_key(v) >= key
+// exactly when v >= key_float(key) (false for NaN and -inf; -0.0 and +0.0 compare equal in both).
+__device__ __forceinline__ float key_float(unsigned key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
 // Exclusive scan of c over the block in thread order; *total gets the block sum. Block-uniform call.
@@ -86,7 +133,7 @@ __device__ __forceinline__ int block_excl_scan(int c, int* wbuf, int& par, int& 
     par ^= 1;
     if (lane == 31) buf[warp] = incl;
     __syncthreads();
-    const int wt = buf[lane];
+    const int wt = lane < NWARPS ? buf[lane] : 0;
     int wincl = wt;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -97,21 +144,52 @@ __device__ __forceinline__ int block_excl_scan(int c, int* wbuf, int& par, int& 
     return __shfl_sync(FULL_MASK, wincl - wt, warp) + incl - c;
 }
 
-// Keys of elements 4q .. 4q+3 of a row (0 past the end).
-__device__ __forceinline__ void load_group(const float* __restrict__ x, int N, bool vec, int q,
-                                           unsigned (&key)[4]) {
+// Scores 4q .. 4q+3 of a row of L, -inf past column L and for q >= qend (a float4 load when vec).
+// Issues the loads only: callers load a whole tile before reading any of it (mask_tail reads).
+__device__ __forceinline__ float4 load_raw(const float* __restrict__ x, int L, bool vec, int q, int qend) {
     const int i = 4 * q;
-    if (vec) {
-        if (i < N) {
-            const float4 v = reinterpret_cast<const float4*>(x)[q];
-            key[0] = order_key(v.x); key[1] = order_key(v.y);
-            key[2] = order_key(v.z); key[3] = order_key(v.w);
+    float4 f;
+    f.x = f.y = f.z = f.w = NEG_INF;
+    if (q < qend && i < L) {
+        if (vec) {
+            f = reinterpret_cast<const float4*>(x)[q];
         } else {
-            key[0] = key[1] = key[2] = key[3] = 0u;
+            f.x = x[i];
+            if (i + 1 < L) f.y = x[i + 1];
+            if (i + 2 < L) f.z = x[i + 2];
+            if (i + 3 < L) f.w = x[i + 3];
+        }
+    }
+    return f;
+}
+
+// The scores of load_raw's group q with the float4's columns >= L masked to -inf.
+__device__ __forceinline__ void mask_tail(const float4& f, int L, int q, float (&v)[4]) {
+    const int i = 4 * q;
+    v[0] = f.x;
+    v[1] = i + 1 < L ? f.y : NEG_INF;
+    v[2] = i + 2 < L ? f.z : NEG_INF;
+    v[3] = i + 3 < L ? f.w : NEG_INF;
+}
+
+// Groups q0 + u * THREADS + tid (u < U) of a row of L: v[u] = its 4 scores, -inf past column L and for
+// groups >= qend. All U loads are in flight before any is used. Block-uniform q0.
+template <int U>
+__device__ __forceinline__ void load_tile(const float* __restrict__ x, int L, bool vec, int q0, int qend,
+                                          float (&v)[U][4]) {
+    const int q = q0 + (int)threadIdx.x;
+    if (vec && q0 + U * THREADS <= qend && 4 * (q0 + U * THREADS) <= L) {  // the whole tile lies inside
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float4 f = reinterpret_cast<const float4*>(x)[q + u * THREADS];
+            v[u][0] = f.x; v[u][1] = f.y; v[u][2] = f.z; v[u][3] = f.w;
         }
     } else {
+        float4 f[U];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) key[j] = i + j < N ? order_key(x[i + j]) : 0u;
+        for (int u = 0; u < U; ++u) f[u] = load_raw(x, L, vec, q + u * THREADS, qend);
+#pragma unroll
+        for (int u = 0; u < U; ++u) mask_tail(f[u], L, q + u * THREADS, v[u]);
     }
 }
 
@@ -119,14 +197,17 @@ __device__ __forceinline__ void load_group(const float* __restrict__ x, int N, b
 // THREADS * UNROLL groups, group g0 + u * THREADS + tid. The loop bound is block-uniform, so f may
 // contain barriers.
 template <class F>
-__device__ __forceinline__ void for_each_group(const float* __restrict__ x, int N, bool vec, F f) {
-    const int G = (N + 3) >> 2;
+__device__ __forceinline__ void for_each_group(const float* __restrict__ x, int L, bool vec, F f) {
+    const int G = (L + 3) >> 2;
     for (int g0 = 0; g0 < G; g0 += THREADS * UNROLL) {
-        unsigned key[UNROLL][4];
+        float v[UNROLL][4];
+        load_tile<UNROLL>(x, L, vec, g0, G, v);
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) load_group(x, N, vec, g0 + u * THREADS + threadIdx.x, key[u]);
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) f(key[u], 4 * (g0 + u * THREADS + (int)threadIdx.x));
+        for (int u = 0; u < UNROLL; ++u) {
+            const unsigned key[4] = {order_key(v[u][0]), order_key(v[u][1]), order_key(v[u][2]),
+                                     order_key(v[u][3])};
+            f(key, 4 * (g0 + u * THREADS + (int)threadIdx.x));
+        }
     }
 }
 
@@ -162,7 +243,7 @@ __device__ __forceinline__ void gather_group(const unsigned (&key)[4], int i0, u
         }
     }
     int total;
-    const int excl = block_excl_scan(a | (m << 16), wbuf, par, total);  // each field < 2^13 per step
+    const int excl = block_excl_scan(a | (m << 16), wbuf, par, total);  // fields <= 4 THREADS < 2^16
     int ao = run_a + (excl & 0xffff), mo = run_m + (excl >> 16);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -192,7 +273,7 @@ __device__ __forceinline__ void select_group(const unsigned (&key)[4], const int
         e += key[j] == thr && key[j] != 0u;
     }
     int total;
-    const int excl = block_excl_scan(g | (e << 16), wbuf, par, total);  // each field < 2^13 per step
+    const int excl = block_excl_scan(g | (e << 16), wbuf, par, total);  // fields <= 4 THREADS < 2^16
     int gt = run_gt + (excl & 0xffff), eq = run_eq + (excl >> 16);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -211,16 +292,23 @@ __device__ __forceinline__ void select_group(const unsigned (&key)[4], const int
 
 // Bin b of hist (scanned from the top) with #(above b) < k_rem <= #(above b) + hist[b]; requires
 // sum(hist) >= k_rem >= 1. Writes misc[0] = b, misc[1] = #(above b), misc[2] = hist[b]; ends with a
-// barrier, after which hist may be cleared.
+// barrier, after which hist may be cleared. Thread t owns bins NBINS-1-BPT*t down to NBINS-BPT*(t+1).
 __device__ __forceinline__ void find_bin(const int* hist, int k_rem, int* misc, int* wbuf, int& par) {
-    const int b0 = NBINS - 1 - 2 * (int)threadIdx.x, b1 = b0 - 1;
-    const int c0 = hist[b0], c1 = hist[b1];
+    const int b0 = NBINS - 1 - BPT * (int)threadIdx.x;
+    int c[BPT], sum = 0;
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) {
+        c[j] = hist[b0 - j];
+        sum += c[j];
+    }
     int total;
-    const int excl = block_excl_scan(c0 + c1, wbuf, par, total);
-    if (excl < k_rem && k_rem <= excl + c0) {
-        misc[0] = b0; misc[1] = excl; misc[2] = c0;
-    } else if (excl + c0 < k_rem && k_rem <= excl + c0 + c1) {
-        misc[0] = b1; misc[1] = excl + c0; misc[2] = c1;
+    int run = block_excl_scan(sum, wbuf, par, total);
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) {
+        if (run < k_rem && k_rem <= run + c[j]) {
+            misc[0] = b0 - j; misc[1] = run; misc[2] = c[j];
+        }
+        run += c[j];
     }
     __syncthreads();
 }
@@ -234,27 +322,19 @@ __device__ __forceinline__ int lower_bound(const int* a, int n, int v) {  // #(a
     return lo;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-topk_rows(const float* __restrict__ scores, int* __restrict__ out, int N, int k, int vec_flag, int cap) {
-    extern __shared__ int4 smem4[];
-    int* hist = reinterpret_cast<int*>(smem4);
-    int* sel = hist + NBINS;
-    int* wbuf = sel + KMAX;
-    int* misc = wbuf + 64;
-    unsigned* ckey = reinterpret_cast<unsigned*>(misc + 8);
-    int* cidx = reinterpret_cast<int*>(ckey + cap);
+// ---- Exact path: radix selection over the key's digits, re-reading the row (one CTA) ----------------
 
-    const float* x = scores + (long long)blockIdx.x * N;
-    int* o = out + (long long)blockIdx.x * k;
-    const bool vec = vec_flag != 0;
+// par: the block scans' buffer parity at the call.
+__device__ __forceinline__ void exact_row(const float* __restrict__ x, int L, bool vec, int k,
+                                          int* __restrict__ o, int* hist, int* sel, int* wbuf, int* misc,
+                                          unsigned* ckey, int* cidx, int cap, int par) {
     const int tid = threadIdx.x;
-    int par = 0;
 
     // Pass 1: histogram of bits 31..21 over the valid keys, and their count.
     for (int i = tid; i < NBINS; i += THREADS) hist[i] = 0;
     __syncthreads();
     int my_valid = 0;
-    for_each_group(x, N, vec, [&](const unsigned (&key)[4], int) {
+    for_each_group(x, L, vec, [&](const unsigned (&key)[4], int) {
         my_valid += hist_group(key, 0u, 0u, 21, 0x7ffu, hist);
     });
     int valid;
@@ -262,7 +342,7 @@ topk_rows(const float* __restrict__ scores, int* __restrict__ out, int N, int k,
 
     if (valid <= k) {  // everything valid is selected: thr = 0 (every valid key is above), need = 0
         int run_gt = 0, run_eq = 0;
-        for_each_group(x, N, vec, [&](const unsigned (&key)[4], int i0) {
+        for_each_group(x, L, vec, [&](const unsigned (&key)[4], int i0) {
             const int idx[4] = {i0, i0 + 1, i0 + 2, i0 + 3};
             select_group(key, idx, 0u, 0, o, k, run_gt, run_eq, wbuf, par);
         });
@@ -287,13 +367,13 @@ topk_rows(const float* __restrict__ scores, int* __restrict__ out, int N, int k,
             }
         } else if (cnt <= cap) {
             int run_a = 0, run_m = 0;
-            for_each_group(x, N, vec, [&](const unsigned (&key)[4], int i0) {
+            for_each_group(x, L, vec, [&](const unsigned (&key)[4], int i0) {
                 gather_group(key, i0, pmask, P, hs, hm, hist, sel, ckey, cidx, cap, run_a, run_m, wbuf, par);
             });
             C = imin(run_m, cap);
             nA = imin(run_a, KMAX);
         } else {
-            for_each_group(x, N, vec, [&](const unsigned (&key)[4], int) {
+            for_each_group(x, L, vec, [&](const unsigned (&key)[4], int) {
                 hist_group(key, pmask, P, hs, hm, hist);
             });
         }
@@ -309,7 +389,7 @@ topk_rows(const float* __restrict__ scores, int* __restrict__ out, int N, int k,
 
     if (C < 0) {  // never gathered: one more ordered pass over the row
         int run_gt = 0, run_eq = 0;
-        for_each_group(x, N, vec, [&](const unsigned (&key)[4], int i0) {
+        for_each_group(x, L, vec, [&](const unsigned (&key)[4], int i0) {
             const int idx[4] = {i0, i0 + 1, i0 + 2, i0 + 3};
             select_group(key, idx, thr, need, o, k, run_gt, run_eq, wbuf, par);
         });
@@ -339,4 +419,330 @@ topk_rows(const float* __restrict__ scores, int* __restrict__ out, int N, int k,
         const int pos = i < nA ? i + lower_bound(sel + nA, nB, v) : (i - nA) + lower_bound(sel, nA, v);
         o[pos] = v;
     }
+}
+
+// ---- Fast path pieces ------------------------------------------------------------------------------
+
+// Radix select over elements i in [0, n): val(i, v) says whether i takes part and sets its value v
+// (< 2^top). Finds the kth largest value digit by digit, 11 bits a round from bit `top` down to bit
+// `stop`; returns it with the bits below `stop` cleared (P). above = #(v >> stop > P >> stop), cnt =
+// #(v >> stop == P >> stop) (cnt = n when top <= stop: no round, every element must take part then).
+// Requires 1 <= kth <= #(taking part). Block-uniform; clobbers hist and misc[0..2]; ends after a barrier.
+template <class V>
+__device__ __forceinline__ unsigned radix_select(V val, int n, int kth, int top, int stop, int* hist,
+                                                 int* misc, int* wbuf, int& par, int& above, int& cnt) {
+    unsigned P = 0u;
+    above = 0;
+    cnt = n;
+    while (top > stop) {
+        const int w = imin(11, top - stop), sh = top - w;
+        const unsigned fixed = top >= 32 ? 0u : ~0u << top;  // bits already decided, P's
+        const unsigned dm = (1u << w) - 1u;
+        for (int i = threadIdx.x; i < NBINS; i += THREADS) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += THREADS) {
+            unsigned v;
+            if (val(i, v) && (v & fixed) == P) atomicAdd(&hist[(v >> sh) & dm], 1);
+        }
+        __syncthreads();
+        find_bin(hist, kth - above, misc, wbuf, par);
+        P |= (unsigned)misc[0] << sh;
+        above += misc[1];
+        cnt = misc[2];
+        top = sh;
+    }
+    return P;
+}
+
+// T0 for a row of L > cap scores. The sample is groups j * GL / SAMPLE_G (j < SAMPLE_G) of the row's GL
+// groups of 4, spread over the whole row. The r-th largest of its S = 4 SAMPLE_G keys stands above
+// about r L / S scores of the row; r is chosen for 1.5 k + TARGET_EXTRA of them, comfortably above k
+// (the count's relative spread is about 1/sqrt(r); at L = 2^20, r = 32 for k = 2048, and r is smaller
+// only where the target is several times k) and well below cap. T0 keeps 22 bits
+// of that key (two rounds), so it is <= it; ALL_VALID when the sample holds fewer than r valid keys.
+// skey: the candidate buffer, free at this point. Block-uniform; ends after a barrier.
+__device__ unsigned sample_threshold(const float* __restrict__ x, int L, bool vec, int k, unsigned* skey,
+                                     int* hist, int* misc, int* wbuf, int& par) {
+    const int GL = (L + 3) >> 2;
+    constexpr int U = SAMPLE_G / THREADS;
+    float4 f[U];
+    int q[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        q[u] = (int)((long long)(u * THREADS + (int)threadIdx.x) * GL / SAMPLE_G);
+        f[u] = load_raw(x, L, vec, q[u], GL);
+    }
+    int nvalid = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        float v[4];
+        mask_tail(f[u], L, q[u], v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const unsigned key = order_key(v[j]);
+            skey[4 * (u * THREADS + (int)threadIdx.x) + j] = key;
+            nvalid += key != 0u;
+        }
+    }
+    int valid;
+    block_excl_scan(nvalid, wbuf, par, valid);  // its barrier also publishes skey
+    constexpr int S = 4 * SAMPLE_G;
+    const long long target = k + k / 2 + TARGET_EXTRA;
+    const long long r_want = (target * S + L - 1) / L;
+    const int r = r_want < S ? (int)r_want : S;
+    if (valid < r) return ALL_VALID;
+    int above, cnt;
+    return radix_select([&](int i, unsigned& v) { v = skey[i]; return true; }, S, r, 32, 10, hist, misc, wbuf,
+                        par, above, cnt);
+}
+
+// Appends (key, column) of every score >= f0 in groups [qlo, qhi) of the row to the candidate buffer, in
+// no particular order; *count (shared) grows by how many there were, including those past cap (dropped).
+// Per tile, each warp reserves its run with one shared atomic. Block-uniform (warp shuffles).
+__device__ __forceinline__ void collect(const float* __restrict__ x, int L, bool vec, int qlo, int qhi,
+                                        float f0, unsigned* ckey, int* cidx, int cap, int* count) {
+    const int lane = threadIdx.x & 31;
+    for (int q0 = qlo; q0 < qhi; q0 += THREADS * CUNROLL) {
+        float v[CUNROLL][4];
+        load_tile<CUNROLL>(x, L, vec, q0, qhi, v);
+        int c = 0;
+#pragma unroll
+        for (int u = 0; u < CUNROLL; ++u)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) c += v[u][j] >= f0;
+        int incl = c;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(FULL_MASK, incl, o);
+            if (lane >= o) incl += y;
+        }
+        int base = 0;
+        if (lane == 31 && incl > 0) base = atomicAdd(count, incl);
+        base = __shfl_sync(FULL_MASK, base, 31) + incl - c;
+        if (c > 0) {
+#pragma unroll
+            for (int u = 0; u < CUNROLL; ++u) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    if (v[u][j] >= f0) {
+                        if (base < cap) {
+                            ckey[base] = order_key(v[u][j]);
+                            cidx[base] = 4 * (q0 + u * THREADS + (int)threadIdx.x) + j;
+                        }
+                        ++base;
+                    }
+                }
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void cmp_swap(int& a, int& b, bool asc) {  // a sits at the lower position
+    if ((a > b) == asc) {
+        const int t = a;
+        a = b;
+        b = t;
+    }
+}
+
+// Bitonic merge steps `stride`, stride/2, .., 1 (stride < SORT_CHUNK) for blocks of `size`, inside a
+// warp: lane l holds positions p0 + 32 m (m = 0..3, p0 = warp * SORT_CHUNK + l) in v[m]. Strides 64
+// and 32 pair a lane's own registers, smaller ones pair lanes (shuffles). Ascending where p & size == 0.
+__device__ __forceinline__ void warp_merge(int (&v)[4], int p0, int lane, int size, int stride) {
+    for (; stride > 0; stride >>= 1) {
+        if (stride == 64) {
+            cmp_swap(v[0], v[2], (p0 & size) == 0);
+            cmp_swap(v[1], v[3], ((p0 + 32) & size) == 0);
+        } else if (stride == 32) {
+            cmp_swap(v[0], v[1], (p0 & size) == 0);
+            cmp_swap(v[2], v[3], ((p0 + 64) & size) == 0);
+        } else {
+            const bool lower = (lane & stride) == 0;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                const int other = __shfl_xor_sync(FULL_MASK, v[m], stride);
+                const bool asc = ((p0 + 32 * m) & size) == 0;
+                v[m] = lower == asc ? imin(v[m], other) : imax(v[m], other);
+            }
+        }
+    }
+}
+
+// Sorts a[0, SN) ascending; SN a power of two, SORT_CHUNK <= SN <= KMAX. Blocks up to SORT_CHUNK are
+// sorted in registers by the warps that own them; each larger merge does its strides >= SORT_CHUNK in
+// shared memory (one barrier each) and the rest in registers. Block-uniform; starts and ends with a barrier.
+__device__ void bitonic_sort(int* a, int SN) {
+    const int lane = threadIdx.x & 31;
+    const int p0 = (int)(threadIdx.x >> 5) * SORT_CHUNK + lane;
+    const bool active = p0 - lane < SN;  // warp-uniform
+    int v[4];
+    __syncthreads();
+    if (active) {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) v[m] = a[p0 + 32 * m];
+        for (int size = 2; size <= SORT_CHUNK; size <<= 1) warp_merge(v, p0, lane, size, size >> 1);
+#pragma unroll
+        for (int m = 0; m < 4; ++m) a[p0 + 32 * m] = v[m];
+    }
+    __syncthreads();
+    for (int size = 2 * SORT_CHUNK; size <= SN; size <<= 1) {
+        for (int stride = size >> 1; stride >= SORT_CHUNK; stride >>= 1) {
+            for (int t = threadIdx.x; t < SN / 2; t += THREADS) {
+                const int i = 2 * t - (t & (stride - 1)), j = i + stride;
+                int ai = a[i], aj = a[j];
+                cmp_swap(ai, aj, (i & size) == 0);
+                a[i] = ai;
+                a[j] = aj;
+            }
+            __syncthreads();
+        }
+        if (active) {
+#pragma unroll
+            for (int m = 0; m < 4; ++m) v[m] = a[p0 + 32 * m];
+            warp_merge(v, p0, lane, size, SORT_CHUNK >> 1);
+#pragma unroll
+            for (int m = 0; m < 4; ++m) a[p0 + 32 * m] = v[m];
+        }
+        __syncthreads();
+    }
+}
+
+// Fast path, C > k candidates all >= T0 (so they hold every score >= the k-th largest): writes the k
+// chosen columns to sel[0, k), unordered. Block-uniform.
+__device__ void choose_candidates(const unsigned* ckey, const int* cidx, int C, int k, int* sel, int* hist,
+                                  int* misc, int* wbuf, int& par) {
+    const int lane = threadIdx.x & 31;
+    // v = key - kmin spans `top` bits: the first digit spreads the candidates over the histogram.
+    unsigned mn = 0xffffffffu, mx = 0u;
+    for (int i = threadIdx.x; i < C; i += THREADS) {
+        const unsigned kk = ckey[i];
+        mn = umin(mn, kk);
+        mx = umax(mx, kk);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        mn = umin(mn, __shfl_xor_sync(FULL_MASK, mn, o));
+        mx = umax(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+    }
+    if (lane == 0) {
+        atomicMin(reinterpret_cast<unsigned*>(misc + M_MIN), mn);
+        atomicMax(reinterpret_cast<unsigned*>(misc + M_MAX), mx);
+    }
+    __syncthreads();
+    const unsigned kmin = (unsigned)misc[M_MIN], span = (unsigned)misc[M_MAX] - kmin;
+    const int top = span ? 32 - __clz(span) : 0;
+    int above, eq;
+    const unsigned thr = kmin + radix_select([&](int i, unsigned& v) { v = ckey[i] - kmin; return true; },
+                                             C, k, top, 0, hist, misc, wbuf, par, above, eq);
+    const int need = k - above;  // 1 <= need <= eq: how many keys equal to thr are taken
+    // Ties: the need lowest columns among the keys equal to thr, i.e. those <= `last`.
+    int last = 0x7fffffff;
+    if (eq > need) {
+        const unsigned cmax = (1u << IDX_TOP) - 1u;
+        int a2, e2;
+        const auto tied = [&](int i, unsigned& v) { v = cmax - (unsigned)cidx[i]; return ckey[i] == thr; };
+        last = (int)(cmax - radix_select(tied, C, need, IDX_TOP, 0, hist, misc, wbuf, par, a2, e2));
+    }
+    for (int i0 = 0; i0 < C; i0 += THREADS) {  // block-uniform bound: the ballot needs every lane
+        const int i = i0 + (int)threadIdx.x;
+        bool take = false;
+        int col = 0;
+        if (i < C) {
+            const unsigned kk = ckey[i];
+            col = cidx[i];
+            take = kk > thr || (kk == thr && col <= last);
+        }
+        const unsigned b = __ballot_sync(FULL_MASK, take);
+        int base = 0;
+        if (lane == 0 && b != 0u) base = atomicAdd(misc + M_NSEL, __popc(b));
+        base = __shfl_sync(FULL_MASK, base, 0);
+        if (take) {
+            const int p = base + __popc(b & ((1u << lane) - 1u));
+            if (p < KMAX) sel[p] = col;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+topk_rows(const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ out,
+          unsigned* __restrict__ gcand, int* __restrict__ gcount, int N, int k, int vec_flag, int cap, int G,
+          int slice_groups) {
+    extern __shared__ int4 smem4[];
+    int* hist = reinterpret_cast<int*>(smem4);
+    int* sel = hist + NBINS;
+    int* wbuf = sel + KMAX;
+    int* misc = wbuf + 64;
+    unsigned* ckey = reinterpret_cast<unsigned*>(misc + 16);
+    int* cidx = reinterpret_cast<int*>(ckey + cap);
+
+    const int tid = threadIdx.x;
+    const int row = blockIdx.x / G, slice = blockIdx.x - row * G;
+    const float* x = scores + (long long)row * N;
+    int* o = out + (long long)row * k;
+    const int L = lengths ? imin(imax(lengths[row], 0), N) : N;
+    const bool vec = vec_flag != 0;
+    int par = 0;
+
+    if (tid < 16) misc[tid] = tid == M_MIN ? -1 : 0;  // M_MIN starts at 0xffffffff, the other counters at 0
+
+    // 1-2. T0 (the same in every CTA of the row), then this CTA's candidates.
+    const unsigned T0 = L > cap ? sample_threshold(x, L, vec, k, ckey, hist, misc, wbuf, par) : ALL_VALID;
+    __syncthreads();  // misc initialised; the sample's keys read
+    const int GL = (L + 3) >> 2;
+    const int qlo = slice * slice_groups, qhi = imin(GL, qlo + slice_groups);
+    collect(x, L, vec, qlo, qhi, key_float(T0), ckey, cidx, cap, misc + M_COUNT);
+    __syncthreads();
+    int C = misc[M_COUNT];
+
+    // 3. Split mode: publish the candidates; the row's last CTA gathers them all and goes on alone.
+    if (G > 1) {
+        int* cnt = gcount + 2 * (long long)row;
+        unsigned* gc = gcand + 2 * (long long)row * cap;
+        if (tid == 0) misc[M_BASE] = atomicAdd(cnt, C);
+        __syncthreads();
+        const int base = misc[M_BASE], stored = imin(C, cap);
+        for (int i = tid; i < stored && base + i < cap; i += THREADS) {
+            gc[2 * (base + i)] = ckey[i];
+            gc[2 * (base + i) + 1] = (unsigned)cidx[i];
+        }
+        __threadfence();  // every writer's candidates before the done-count below
+        __syncthreads();
+        if (tid == 0) misc[M_LAST] = atomicAdd(cnt + 1, 1) == G - 1;
+        __syncthreads();
+        if (!misc[M_LAST]) return;
+        __threadfence();
+        C = *(volatile const int*)cnt;  // the row's count: every CTA has added to it
+        if (C <= cap) {
+            const volatile unsigned* g = gc;
+            for (int i = tid; i < C; i += THREADS) {
+                ckey[i] = g[2 * i];
+                cidx[i] = (int)g[2 * i + 1];
+            }
+        }
+        __syncthreads();  // every thread has read cnt: reset it for the next launch
+        if (tid == 0) {
+            cnt[0] = 0;
+            cnt[1] = 0;
+        }
+    }
+
+    // 4. The candidates hold the answer unless some score >= T0 was dropped (C > cap) or fewer than k
+    //    scores reach T0 while T0 excluded some valid ones: then the exact path.
+    if (C > cap || (C < k && T0 != ALL_VALID)) {
+        exact_row(x, L, vec, k, o, hist, sel, wbuf, misc, ckey, cidx, cap, par);
+        return;
+    }
+    int nsel;
+    if (C <= k) {  // every candidate (every valid score of the row) is taken
+        for (int i = tid; i < C; i += THREADS) sel[i] = cidx[i];
+        nsel = C;
+    } else {
+        choose_candidates(ckey, cidx, C, k, sel, hist, misc, wbuf, par);
+        nsel = k;
+    }
+    int SN = SORT_CHUNK;
+    while (SN < nsel) SN <<= 1;
+    for (int i = nsel + tid; i < SN; i += THREADS) sel[i] = 0x7fffffff;
+    bitonic_sort(sel, SN);
+    for (int i = tid; i < k; i += THREADS) o[i] = i < nsel ? sel[i] : -1;
 }

@@ -1,8 +1,10 @@
-"""Per-row top-k indices, ascending, for the indexers: numpy reference and a radix-select kernel.
+"""Per-row top-k indices, ascending, for the indexers: numpy reference and a threshold-select kernel.
 
-topk(scores [R, N] fp32, k) -> int32 [R, k]: the columns of each row's k largest valid scores (valid:
-not -inf, not NaN; +inf counts and is largest), in ascending column order, padded with -1 when a row has
-fewer than k valid entries. Equal scores at the threshold go to the lower column (SPEC section 5).
+topk(scores [R, N] fp32, k, lengths=None) -> int32 [R, k]: the columns of each row's k largest valid
+scores (valid: not -inf, not NaN; +inf counts and is largest), in ascending column order, padded with -1
+when a row has fewer than k valid entries. Equal scores at the threshold go to the lower column (SPEC
+section 5). lengths (int [R], optional): row r considers only columns [0, lengths[r]) (clamped to [0, N]),
+as if the rest were -inf; the kernel does not read them (causal prefill: row t sees ends[t] keys).
 """
 import functools
 
@@ -10,19 +12,28 @@ import numpy as np
 
 from kernels._cuda import check, check_array, is_gpu, kernel
 
-THREADS = 1024      # one CTA per row (topk.cu)
-KMAX = 2048         # largest k: the size of the kernel's shared `sel` run
-NBINS = 2048        # 11-bit digit histogram
-SMEM_FIXED = 4 * (NBINS + KMAX + 64 + 8)   # hist, sel, block-scan buffers, misc (bytes)
+THREADS = 512           # per CTA, two CTAs per SM (topk.cu)
+KMAX = 2048             # largest k: the size of the kernel's shared `sel` array
+NBINS = 2048            # 11-bit digit histogram
+SAMPLE_G = 2048         # groups of 4 scores in the threshold sample
+SMEM_FIXED = 4 * (NBINS + KMAX + 64 + 16)   # hist, sel, block-scan buffers, misc (bytes)
 CAND_CAP_MAX = 32768
-_ATTR_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+MIN_SLICE_GROUPS = 2048  # split mode: a CTA streams at least 8192 columns
+_NULL = np.uint64(0)     # a null pointer argument (lengths, split-mode buffers absent)
+_ATTR_SM_COUNT = 16      # cudaDevAttrMultiProcessorCount
+_ATTR_SMEM_PER_SM = 81   # cudaDevAttrMaxSharedMemoryPerMultiprocessor
+_ATTR_SMEM_OPTIN = 97    # cudaDevAttrMaxSharedMemoryPerBlockOptin
+_ATTR_SMEM_RESERVED = 111  # cudaDevAttrReservedSharedMemoryPerBlock
 
 
-def topk_reference(scores, k):
-    """The definition: stable argsort of -scores (lower index first among equals, NaN last), keep the
-    first k valid entries, sort them ascending, pad with -1."""
+def topk_reference(scores, k, lengths=None):
+    """The definition: columns >= lengths[r] become -inf; stable argsort of -scores (lower index first
+    among equals, NaN last), keep the first k valid entries, sort them ascending, pad with -1."""
     s = np.asarray(scores)
     R, N = s.shape
+    if lengths is not None:
+        L = np.clip(np.asarray(lengths.get() if is_gpu(lengths) else lengths, np.int64).reshape(R), 0, N)
+        s = np.where(np.arange(N) < L[:, None], s, s.dtype.type(-np.inf))
     valid = ~(np.isnan(s) | (s == -np.inf))
     order = np.argsort(-s, axis=-1, kind="stable")
     out = np.full((R, k), -1, np.int32)
@@ -32,107 +43,184 @@ def topk_reference(scores, k):
     return out
 
 
+def smem_bytes(cap):
+    """Dynamic shared memory of one CTA: the fixed arrays and the candidate buffer (which first holds the
+    sample's 4 * SAMPLE_G keys)."""
+    return SMEM_FIXED + max(8 * cap, 16 * SAMPLE_G)
+
+
+def candidate_cap(smem_per_sm, reserved_per_block, optin):
+    """The largest candidate buffer (a multiple of 4) with which two CTAs share an SM."""
+    per_cta = min(smem_per_sm // 2 - reserved_per_block, optin)
+    return min(CAND_CAP_MAX, (per_cta - SMEM_FIXED) // 8 // 4 * 4)
+
+
+def slices_per_row(R, N, n_sm):
+    """CTAs per row: with few rows, enough CTAs to give every SM two (each streaming MIN_SLICE_GROUPS
+    groups of 4 at least); with R >= n_sm, one CTA per row."""
+    groups = -(-N // 4)
+    return max(1, min(2 * n_sm // max(R, 1), -(-groups // MIN_SLICE_GROUPS)))
+
+
 @functools.lru_cache(maxsize=None)
 def _launch_config(device_id):
-    """(kernel, candidate capacity) for a device: the buffer takes what opt-in shared memory allows."""
+    """(kernel, candidate capacity, SM count) for a device."""
     import cupy as cp
-    optin = cp.cuda.runtime.deviceGetAttribute(_ATTR_SMEM_OPTIN, device_id)
-    cap = min(CAND_CAP_MAX, (optin - SMEM_FIXED) // 8 // 4 * 4)
-    check(cap >= 1024, f"topk: only {optin} B of shared memory per block, the kernel wants "
-                       f"{SMEM_FIXED + 8 * 1024} B at least")
+    attr = cp.cuda.runtime.deviceGetAttribute
+    cap = candidate_cap(attr(_ATTR_SMEM_PER_SM, device_id), attr(_ATTR_SMEM_RESERVED, device_id),
+                        attr(_ATTR_SMEM_OPTIN, device_id))
+    check(cap >= 2 * KMAX, f"topk: a candidate buffer of {cap} is too small (shared memory per SM "
+                           f"{attr(_ATTR_SMEM_PER_SM, device_id)} B)")
     fn = kernel("topk.cu", "topk_rows")
-    fn.max_dynamic_shared_size_bytes = SMEM_FIXED + 8 * cap
-    return fn, cap
+    fn.max_dynamic_shared_size_bytes = smem_bytes(cap)
+    fn.preferred_shared_memory_carveout = 100  # all of L1 as shared memory: room for two CTAs an SM
+    return fn, cap, attr(_ATTR_SM_COUNT, device_id)
 
 
-def topk_gpu(scores, k, *, cand_cap=None):
-    """Launcher for topk.cu:topk_rows. scores: CuPy fp32 [R, N] contiguous, 1 <= k <= 2048.
+_split_buffers = {}  # (device, stream) -> (gcount, gcand): the kernel leaves gcount zero after each launch
 
-    cand_cap (tests only) shrinks the shared candidate buffer to force the kernel's re-scan paths.
+
+def _split_scratch(R, cap):
+    import cupy as cp
+    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+    gcount, gcand = _split_buffers.get(key, (None, None))
+    if gcount is None or gcount.size < 2 * R:
+        gcount = cp.zeros(2 * R, np.int32)
+    if gcand is None or gcand.size < 2 * R * cap:
+        gcand = cp.empty(2 * R * cap, np.uint32)
+    _split_buffers[key] = (gcount, gcand)
+    return gcount, gcand
+
+
+def topk_gpu(scores, k, lengths=None, *, cand_cap=None, slices=None):
+    """Launcher for topk.cu:topk_rows. scores: CuPy fp32 [R, N] contiguous, 1 <= k <= 2048; lengths: int
+    [R] (CuPy or numpy), entries clamped to [0, N].
+
+    Rows are split over several CTAs when they are few (decode). cand_cap and slices (tests only) shrink
+    the shared candidate buffer to force the exact path, and set the CTAs per row.
     """
     import cupy as cp
     check_array(scores, "scores", np.float32, ndim=2)
     R, N = scores.shape
     check(1 <= k <= KMAX, f"topk: k = {k}, the kernel supports 1..{KMAX}")
     check(N <= 2**30, f"topk: rows of {N} scores, the kernel indexes up to 2^30")
+    if lengths is not None:
+        lengths = lengths if is_gpu(lengths) else cp.asarray(np.asarray(lengths))
+        check(lengths.dtype.kind in "iu", f"topk: lengths of dtype {lengths.dtype}, expected integers")
+        check(lengths.shape == (R,), f"topk: lengths of shape {lengths.shape}, expected ({R},)")
+        lengths = cp.ascontiguousarray(lengths, np.int32)
     out = cp.empty((R, k), np.int32)
     if R == 0:
         return out
     if N == 0:
         out.fill(-1)
         return out
-    fn, cap = _launch_config(cp.cuda.Device().id)
+    fn, cap, n_sm = _launch_config(cp.cuda.Device().id)
     if cand_cap is not None:
         check(0 <= cand_cap <= cap and cand_cap % 4 == 0,
               f"topk: cand_cap {cand_cap} must be a multiple of 4 in [0, {cap}]")
         cap = cand_cap
+    G = slices_per_row(R, N, n_sm) if slices is None else slices
+    check(G >= 1 and R * G < 2**31, f"topk: {G} CTAs per row for {R} rows")
+    groups = -(-N // 4)
+    slice_groups = -(-groups // G)
+    gcount, gcand = _split_scratch(R, cap) if G > 1 else (_NULL, _NULL)
     vec = N % 4 == 0 and scores.data.ptr % 16 == 0
-    fn((R,), (THREADS,), (scores, out, np.int32(N), np.int32(k), np.int32(vec), np.int32(cap)),
-       shared_mem=SMEM_FIXED + 8 * cap)
+    fn((R * G,), (THREADS,), (scores, _NULL if lengths is None else lengths, out, gcand, gcount, np.int32(N),
+                              np.int32(k), np.int32(vec), np.int32(cap), np.int32(G), np.int32(slice_groups)),
+       shared_mem=smem_bytes(cap))
     return out
 
 
-def topk(scores, k):
+def topk(scores, k, lengths=None):
     if is_gpu(scores):
-        return topk_gpu(scores, k)
-    return topk_reference(scores, k)
+        return topk_gpu(scores, k, lengths)
+    return topk_reference(scores, k, lengths)
 
 
 # --- Benchmarks (not tests): CUDA events after warm-up, median over reps ---------------------------
 
-def _input_pool(xp_randn, R, N):
-    """Random [R, N] fp32 inputs, 256 MB at least in all: the first ones, used first, are out of L2."""
+def bench_rows(kind, R, N, seed=0):
+    """CuPy float32 [R, N] rows to time. normal: standard normal. relu: indexer-like logits, a weighted
+    sum over 8 heads of ReLU'd normal dot products (positive, right-skewed, a few exact zeros)."""
+    import cupy as cp
+    rs = cp.random.RandomState(seed)
+    if kind == "normal":
+        return rs.standard_normal((R, N), dtype=np.float32)
+    if kind == "relu":
+        w = np.abs(np.random.default_rng(seed).standard_normal(8)).astype(np.float32)
+        x = cp.zeros((R, N), np.float32)
+        for h in range(8):
+            x += cp.maximum(rs.standard_normal((R, N), dtype=np.float32), 0) * w[h]
+        return x
+    raise ValueError(kind)
+
+
+def _pool(make, R, N):
+    """Inputs of 256 MB at least in all, made at once, as [R, N] slices: the first ones, used first,
+    are out of L2."""
     nbuf = max(1, -(-(256 << 20) // (R * N * 4)))
-    pool = xp_randn(nbuf * R, N)
+    pool = make(nbuf * R, N)
     return [pool[i * R:(i + 1) * R] for i in range(nbuf)]
 
 
-def bench_topk(R, N, k, reps=20):
-    """Median ms of one topk_gpu call (launch included) on standard-normal rows."""
-    import cupy as cp
-    pool = _input_pool(lambda r, n: cp.random.standard_normal((r, n), dtype=cp.float32), R, N)
+def _median_ms(fn, pool, new_event, elapsed_ms, reps):
     for i in range(3):
-        topk_gpu(pool[i % len(pool)], k)
+        fn(pool[i % len(pool)])
     times = []
-    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start, end = new_event(), new_event()
     for i in range(reps):
-        x = pool[(i + 3) % len(pool)]
         start.record()
-        topk_gpu(x, k)
+        fn(pool[(i + 3) % len(pool)])
         end.record()
         end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
+        times.append(elapsed_ms(start, end))
     return float(np.median(times))
+
+
+def bench_topk(R, N, k, kind="normal", lengths=None, reps=20):
+    """Median ms of one topk_gpu call (launch included)."""
+    import cupy as cp
+    pool = _pool(lambda r, n: bench_rows(kind, r, n), R, N)
+    lengths = None if lengths is None else cp.asarray(lengths, np.int32)
+    return _median_ms(lambda x: topk_gpu(x, k, lengths), pool, cp.cuda.Event, cp.cuda.get_elapsed_time, reps)
 
 
 def bench_torch_topk(R, N, k, reps=20):
-    """The same timing for torch.topk(x, k, dim=-1, sorted=False) (values and indices, unsorted by
-    index): a reference point only; torch is imported here and is no dependency of hisa."""
+    """The same timing for torch.topk(x, k, dim=-1, sorted=False) on normal rows (values and indices,
+    unsorted by index): a reference point only; torch is imported here and is no dependency of hisa."""
     import torch
-    pool = _input_pool(lambda r, n: torch.randn(r, n, device="cuda", dtype=torch.float32), R, N)
-    for i in range(3):
-        torch.topk(pool[i % len(pool)], k, dim=-1, sorted=False)
-    times = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(reps):
-        x = pool[(i + 3) % len(pool)]
-        start.record()
-        torch.topk(x, k, dim=-1, sorted=False)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
+    pool = _pool(lambda r, n: torch.randn(r, n, device="cuda", dtype=torch.float32), R, N)
+    return _median_ms(lambda x: torch.topk(x, k, dim=-1, sorted=False), pool,
+                      lambda: torch.cuda.Event(enable_timing=True), lambda s, e: s.elapsed_time(e), reps)
 
 
-if __name__ == "__main__":
+def main():
+    """python -m kernels.topk [bench]: the timing table on normal and indexer-like rows, and the causal
+    case (lengths spread uniformly over [N/2, N]; GB/s counts the bytes within the lengths)."""
     try:
         import torch  # noqa: F401
         have_torch = True
     except ImportError:
         have_torch = False
-    print(f"{'R':>6} {'N':>8} {'k':>5} {'topk ms':>9} {'GB/s (1 read)':>14} {'torch ms':>9}")
-    for R, N, k in [(1, 8192, 2048), (1, 131072, 2048), (1, 262144, 2048), (64, 131072, 2048),
-                    (1024, 8192, 2048), (1024, 131072, 2048), (1024, 1024, 64)]:
-        ms = bench_topk(R, N, k)
-        t = f"{bench_torch_topk(R, N, k):9.3f}" if have_torch else f"{'-':>9}"
-        print(f"{R:>6} {N:>8} {k:>5} {ms:9.3f} {R * N * 4 / ms / 1e6:14.0f} {t}")
+    cases = [(1, 8192, 2048), (1, 131072, 2048), (1, 262144, 2048), (8, 131072, 2048), (64, 131072, 2048),
+             (1024, 8192, 2048), (1024, 131072, 2048), (1024, 1024, 64)]
+    print(f"{'rows':>10} {'R':>6} {'N':>8} {'k':>5} {'topk ms':>9} {'GB/s read':>10} {'torch ms':>9}")
+    for kind in ("normal", "relu"):
+        for R, N, k in cases:
+            ms = bench_topk(R, N, k, kind)
+            t = f"{bench_torch_topk(R, N, k):9.3f}" if have_torch and kind == "normal" else f"{'-':>9}"
+            print(f"{kind:>10} {R:>6} {N:>8} {k:>5} {ms:9.3f} {R * N * 4 / ms / 1e6:10.0f} {t}")
+    R, N, k = 1024, 131072, 2048
+    lengths = np.linspace(N // 2, N, R).astype(np.int32)  # causal prefill: row t sees its own keys only
+    for kind in ("normal", "relu"):
+        ms = bench_topk(R, N, k, kind, lengths)
+        print(f"{kind + '+len':>10} {R:>6} {N:>8} {k:>5} {ms:9.3f} {int(lengths.sum()) * 4 / ms / 1e6:10.0f} "
+              f"{'-':>9}")
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] not in ([], ["bench"]):
+        sys.exit("usage: python -m kernels.topk [bench]")
+    main()

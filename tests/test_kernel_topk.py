@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels._cuda import HAVE_GPU, KERNEL_DIR
-from kernels.topk import topk, topk_reference
+from kernels.topk import SAMPLE_G, candidate_cap, slices_per_row, smem_bytes, topk, topk_reference
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: top-k kernel parity runs on the GPU machine")
 inf, nan = np.inf, np.nan
@@ -46,9 +46,35 @@ def test_reference_order_details():
     assert ref1([3.0, 1.0, 2.0, 4.0], 2) == [0, 3]  # ascending by index, not by value
 
 
+def test_reference_lengths():
+    x = np.float32([[5, 4, 3, 2, 1]] * 5)
+    assert topk_reference(x, 2, [0, 1, 3, 5, 9]).tolist() == [[-1, -1], [0, -1], [0, 1], [0, 1], [0, 1]]
+    assert topk_reference(np.float32([[1, 2, 9, inf]]), 2, [2]).tolist() == [[0, 1]]  # past the length: unseen
+    assert topk_reference(np.float32([[1, 2]]), 1, [-3]).tolist() == [[-1]]  # clamped to 0
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    L = [10, 50, 0, 33]
+    got = topk_reference(x, 8, L)
+    for r in range(4):  # the same as the reference on the row cut to its length
+        want = topk_reference(x[r:r + 1, :L[r]], 8)[0] if L[r] else np.full(8, -1)
+        assert got[r].tolist() == want.tolist()
+
+
 def test_dispatch_numpy():
     x = np.random.default_rng(0).standard_normal((3, 100)).astype(np.float32)
     np.testing.assert_array_equal(topk(x, 10), topk_reference(x, 10))
+    np.testing.assert_array_equal(topk(x, 10, [0, 7, 100]), topk_reference(x, 10, [0, 7, 100]))
+
+
+def test_launch_policy():
+    """Few rows are split over CTAs to fill the GPU (two CTAs an SM), many rows take one CTA each; the
+    candidate buffer lets two CTAs share an SM (H100/H200 numbers)."""
+    assert slices_per_row(1, 131072, 132) == 16
+    assert slices_per_row(1, 1 << 20, 132) == 128
+    assert slices_per_row(64, 131072, 132) == 4
+    assert slices_per_row(1, 8192, 132) == 1 and slices_per_row(1024, 131072, 132) == 1
+    cap = candidate_cap(233472, 1024, 232448)
+    assert cap % 4 == 0 and cap >= 8192 and 2 * (smem_bytes(cap) + 1024) <= 233472
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -98,6 +124,16 @@ def rows(rng, kind, R, N):
         return (np.uint32(0x3F800000) + rng.integers(0, 64, (R, N)).astype(np.uint32)).view(np.float32)
     if kind == "signed_zero":
         return rng.choice(np.float32([0.0, -0.0, -1.0, 1e-30, -1e-30]), (R, N))
+    if kind == "relu":  # indexer-like logits: sum over 8 heads of w_h ReLU(q_h . k), positive and skewed
+        w = np.abs(rng.standard_normal(8)).astype(np.float32)
+        return sum(w[h] * np.maximum(rng.standard_normal((R, N)).astype(np.float32), 0) for h in range(8))
+    if kind == "sample_trap":  # the kernel's strided sample sees only the boosted groups: T0 comes out too high
+        x = rng.standard_normal((R, N)).astype(np.float32)
+        groups = -(-N // 4)
+        q = (np.arange(SAMPLE_G) * groups // SAMPLE_G) * 4
+        for j in range(4):
+            x[:, np.minimum(q + j, N - 1)] += 10
+        return x
     raise ValueError(kind)
 
 
@@ -113,10 +149,18 @@ def assert_same(got, want, label):
                 f"missing {sorted(ws - gs)[:10]} extra {sorted(gs - ws)[:10]}")
 
 
-def run_kernel(x, k, **kw):
+def run_kernel(x, k, lengths=None, **kw):
     import cupy as cp
     from kernels.topk import topk_gpu
-    return cp.asnumpy(topk_gpu(cp.asarray(x), k, **kw))
+    return cp.asnumpy(topk_gpu(cp.asarray(x), k, lengths, **kw))
+
+
+# How a row reaches its answer: the launch's own choice, one CTA a row, seven CTAs a row; a candidate
+# buffer of 0 or 64 forces the exact (re-reading) path in either mode.
+PATHS = {"auto": {}, "row": dict(slices=1), "split": dict(slices=7), "row_exact": dict(slices=1, cand_cap=0),
+         "split_exact": dict(slices=7, cand_cap=64)}
+KINDS = ["five_values", "all_equal", "mostly_neginf", "nan", "negative", "posinf", "many_posinf", "last_bit",
+         "signed_zero", "relu", "sample_trap"]
 
 
 @gpu
@@ -124,9 +168,11 @@ def run_kernel(x, k, **kw):
                                    (2, 1 << 20, 2048), (16, 8192, 2048), (32, 1024, 64)])
 def test_kernel_random(R, N, k):
     rng = np.random.default_rng(N + R)
-    for kind in ("normal", "uniform"):
+    for kind in ("normal", "uniform", "relu"):
         x = rows(rng, kind, R, N)
-        assert_same(run_kernel(x, k), topk_reference(x, k), f"{kind} R={R} N={N} k={k}")
+        want = topk_reference(x, k)
+        for slices in (None, 1):
+            assert_same(run_kernel(x, k, slices=slices), want, f"{kind} R={R} N={N} k={k} slices={slices}")
 
 
 @gpu
@@ -140,37 +186,90 @@ def test_kernel_ragged_small():
 
 
 @gpu
-@pytest.mark.parametrize("kind", ["five_values", "all_equal", "mostly_neginf", "nan", "negative", "posinf",
-                                  "many_posinf", "last_bit", "signed_zero"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("N", [777, 5000, 131072, 262144])
 def test_kernel_adversarial(kind, N):
     rng = np.random.default_rng(N)
     x = rows(rng, kind, 5, N)
     for k in (1, 64, 2048):
-        assert_same(run_kernel(x, k), topk_reference(x, k), f"{kind} N={N} k={k}")
+        want = topk_reference(x, k)
+        for path, kw in PATHS.items():
+            assert_same(run_kernel(x, k, **kw), want, f"{kind} N={N} k={k} path={path}")
 
 
 @gpu
-@pytest.mark.parametrize("cap", [0, 4, 64, 1024])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_kernel_lengths(path):
+    """Lengths 0, 1, < k, = k, > cap, = N (and beyond N, clamped); columns past a length hold +inf, which
+    must not be selected."""
+    import cupy as cp
+    rng = np.random.default_rng(11)
+    N = 20000
+    L = np.int32([0, 1, 5, 2047, 2048, 2049, 4096, 9999, 12377, 19999, N, N + 5])
+    for kind in ("normal", "five_values", "mostly_neginf", "nan", "relu"):
+        x = rows(rng, kind, len(L), N)
+        x[np.arange(N)[None, :] >= L[:, None]] = inf
+        for k in (1, 64, 2048):
+            want = topk_reference(x, k, L)
+            assert_same(run_kernel(x, k, L, **PATHS[path]), want, f"{kind} k={k} path={path}")
+        assert_same(run_kernel(x, 64, cp.asarray(L, np.int64), **PATHS[path]), topk_reference(x, 64, L),
+                    f"{kind} int64 lengths path={path}")
+
+
+@gpu
+@pytest.mark.parametrize("R,N", [(1, 8192), (2, 8192), (3, 131072), (1, 300000), (2, 300000), (1, 1 << 20)])
+def test_kernel_split_rows(R, N):
+    """Decode-like shapes: few long rows split over several CTAs, against one CTA a row, with and
+    without lengths."""
+    rng = np.random.default_rng(R * N)
+    for kind in ("normal", "uniform", "relu", "five_values", "nan", "mostly_neginf", "sample_trap"):
+        x = rows(rng, kind, R, N)
+        L = rng.integers(0, N + 1, R).astype(np.int32)
+        for k in (64, 2048):
+            want = topk_reference(x, k)
+            for slices in (None, 1, 5):
+                assert_same(run_kernel(x, k, slices=slices), want, f"{kind} R={R} N={N} k={k} slices={slices}")
+            assert_same(run_kernel(x, k, L), topk_reference(x, k, L), f"{kind} R={R} N={N} k={k} L={L}")
+
+
+@gpu
+def test_kernel_split_buffers_reused():
+    """The split path's counters are left zero by each launch: calls of varying R, and another stream."""
+    import cupy as cp
+    rng = np.random.default_rng(12)
+    for R in (3, 1, 5, 2):
+        x = rows(rng, "normal", R, 50000)
+        assert_same(run_kernel(x, 2048, slices=4), topk_reference(x, 2048), f"R={R}")
+    with cp.cuda.Stream():
+        x = rows(rng, "relu", 2, 50000)
+        assert_same(run_kernel(x, 2048, slices=4), topk_reference(x, 2048), "side stream")
+
+
+@gpu
+@pytest.mark.parametrize("cap", [0, 4, 64, 1024, 4096])
 @pytest.mark.parametrize("kind", ["normal", "five_values", "last_bit", "mostly_neginf"])
 def test_kernel_small_candidate_buffer(kind, cap):
-    """A tiny buffer forces the global re-scan rounds and the final ordered pass."""
+    """A small buffer forces the exact path's global re-scan rounds and its final ordered pass."""
     rng = np.random.default_rng(cap)
     x = rows(rng, kind, 4, 50000)
     for k in (1, 100, 2048):
-        assert_same(run_kernel(x, k, cand_cap=cap), topk_reference(x, k), f"{kind} cap={cap} k={k}")
+        for slices in (1, 3):
+            assert_same(run_kernel(x, k, cand_cap=cap, slices=slices), topk_reference(x, k),
+                        f"{kind} cap={cap} k={k} slices={slices}")
 
 
 @gpu
 def test_kernel_unaligned_rows_and_dispatch():
     import cupy as cp
     rng = np.random.default_rng(5)
-    for N in (4096, 4099):  # row starts 4 bytes off a 16-byte boundary: the scalar-load path
+    for N in (4096, 4099, 40000):  # row starts 4 bytes off a 16-byte boundary: the scalar-load path
         x = rows(rng, "normal", 3, N)
         buf = cp.empty(3 * N + 1, np.float32)
         xd = buf[1:].reshape(3, N)
         xd[...] = cp.asarray(x)
         assert_same(cp.asnumpy(topk(xd, 2048)), topk_reference(x, 2048), f"unaligned N={N}")
+        L = np.int32([N - 1, N // 2, 3])
+        assert_same(cp.asnumpy(topk(xd, 2048, L)), topk_reference(x, 2048, L), f"unaligned N={N} lengths")
 
 
 @gpu
