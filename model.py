@@ -201,11 +201,12 @@ def linear(x, w):
 # The DSA "lightning" indexer (SPEC §5)
 
 class Indexer:
-    """Scores every visible key for each query with a few small ReLU heads; keeps the top K.
+    """Scores every visible key for each query with a few small ReLU heads (the Selector keeps the top K).
 
     The key cache it owns holds, per position, the key as the scores use it: in "fp8" precision the
     e4m3 bits of the Hadamard-rotated key and its power-of-two scale (Di + 4 bytes), in "float"
-    precision the fp32 key. HISA (hisa.py) reads the same cache and keeps its block means beside it.
+    precision the key itself (fp32 on the CPU, bf16 on the GPU, where the kernels read bf16). HISA
+    (hisa.py) reads the same cache and keeps its block means beside it.
     """
 
     def __init__(self, cfg, p, precision):
