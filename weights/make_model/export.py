@@ -12,9 +12,9 @@ reference_logits.npz: the trainer's torch model (train.py), run in float64 on th
 weights read back from model.safetensors (so dequantised exactly as the engine does), in four modes:
 {dense, dsa} attention x {float, fp8} numerics (fp8: c_kv and the indexer's q, k through e4m3 as in
 the engine's default precision). Ties in top-k go to the lower position, as in the engine. For each
-input it stores the logits of the last LAST positions; `meta` (JSON) gives the modes, inputs and the
-tolerance of each mode (see TOLERANCE), checked by check_reference (tests/test_trained_export.py). This module
-imports torch only to make the file, not to check it.
+input it stores the logits of the last LAST positions (and, in DSA modes, each layer's selected
+positions for them); `meta` (JSON) gives the modes, inputs and tolerances (see TOLERANCE), checked by
+check_reference (tests/test_trained_export.py). Torch is imported to make the file, not to check it.
 """
 import argparse
 import json
@@ -41,7 +41,7 @@ MODES = [("dense", "float"), ("dsa", "float"), ("dense", "fp8"), ("dsa", "fp8")]
 LAST = 4  # logits kept per input: the last positions, which see the most context
 REFERENCE_TEXT = "The history of the Roman Empire covers the history of ancient Rome from the fall of the Roman Republic"
 # max |engine - reference| / max |reference| allowed per mode. The reference is float64, the engine
-# float32, so in exact arithmetic they differ by rounding only (dense-float). But two steps are
+# float32: in dense-float mode they differ by rounding only. But two steps are
 # discontinuous: a top-k choice between near-tied keys (DSA), and an e4m3 rounding of a value that
 # lies within float32 rounding of a rounding boundary (fp8: c_kv and the indexer's q, k). Either may
 # fall the other way in one of the two; one such flip moves logits by ~1e-4 to 1e-2 of their range

@@ -721,7 +721,7 @@ def autocast(device):
 #   survives between device calls while the machine stays warm.
 # compact/ (carried back and forth): weights bf16 (1-d tensors fp32), Adam's second moment as one
 #   byte per value on a log scale, no first moment; shards of at most 15 MiB. About 3 bytes per
-#   parameter: 35 MiB for the 11.8M parameters, which with the 19.4 MiB of tokens fits the 64 MiB
+#   parameter: 34.1 MiB for the 11.85M parameters, which with the 19.4 MiB of tokens fits the 64 MiB
 #   that travels. Resuming from it restarts the first moment at 0 and re-warms the learning rate
 #   over REWARMUP steps.
 
