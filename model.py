@@ -12,7 +12,6 @@ Shape letters, used in the trailing comments:
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys

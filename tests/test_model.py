@@ -2,7 +2,6 @@
 
 Runs on the CPU (numpy) always and on the GPU (CuPy) when one is visible.
 """
-import copy
 import math
 
 import numpy as np
