@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy as cp  # noqa: E402  (the benchmark is GPU-only)
 
 import hisa  # noqa: E402
+from bench.kernels import time_ms  # noqa: E402
 from kernels.fp8 import e4m3_encode, quantize_ue8m0  # noqa: E402
 from kernels.indexer import index_scores  # noqa: E402
 from kernels.topk import topk  # noqa: E402
@@ -34,19 +35,9 @@ except Exception:
 Hi, Di, K, B, M = 64, 128, 2048, 128, 64
 
 
-def timeit(fn, reps=10, warmup=2):
-    """Median milliseconds of fn() between CUDA events, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
+def timeit(fn, reps=10):
+    """Median ms of fn() between CUDA events, after warm-up (bench/kernels.py's timer)."""
+    return time_ms(lambda _: fn(), reps=reps)
 
 
 def peaks():
@@ -70,15 +61,9 @@ def peaks():
 
 
 def torch_time(fn, reps=10):
-    for _ in range(2):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return float(np.median([a.elapsed_time(b) for a, b in ev]))
+    """The same timer on torch's stream and events."""
+    return time_ms(lambda _: fn(), reps=reps, new_event=lambda: torch.cuda.Event(enable_timing=True),
+                   elapsed=lambda s, e: s.elapsed_time(e))
 
 
 def make_inputs(L, Q, seed=0):

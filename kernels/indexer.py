@@ -6,7 +6,7 @@ fp8 mode: q, k are e4m3 bit patterns (uint8) with positive scales q_scale [T, Hi
 dot is over the decoded values. Float mode: no scales; the GPU computes in bf16 (products exact, fp32 sums).
 
 index_scores_reference is the oracle and the CPU path; index_scores_gpu launches kernels/indexer.cu;
-index_scores picks one by where q lives. bench_index_scores times the kernel.
+index_scores picks one by where q lives. bench/kernels.py times the kernel.
 """
 import functools
 import os
@@ -245,48 +245,3 @@ def index_scores(q, w, k, ends, q_scale=None, k_scale=None, starts=None):
         # the kernel clamps every row's range to [0, N), so the model skips the range check's device sync
         return index_scores_gpu(q, w, k, ends, q_scale, k_scale, starts, check_ranges=False)
     return index_scores_reference(q, w, k, ends, q_scale, k_scale, starts)
-
-
-# --- Benchmark ------------------------------------------------------------------------------------
-
-def bench_index_scores(T, N, Hi=64, Di=128, mode="fp8", causal=False, reps=20, path=None, splits=None):
-    """Median milliseconds of one index_scores_gpu call (CUDA events, after warm-up).
-
-    causal: the T queries are the last T positions of N (ends = N-T+1 .. N), else every query sees all N.
-    Values are random bit patterns (speed does not depend on them), scales 1. The [T, N] fp32 output is
-    allocated once (64 GB at T = N = 128K). path/splits as in index_scores_gpu.
-    """
-    import cupy as cp
-    check(not causal or T <= N, f"bench_index_scores: causal needs T <= N (T = {T}, N = {N})")
-    rng = cp.random.default_rng(0)
-    if mode == "fp8":
-        def bits(shape):
-            b = rng.integers(0, 256, size=shape, dtype=np.int32).astype(np.uint8)
-            return cp.where((b & 0x7F) == 0x7F, np.uint8(0), b)  # no NaN patterns
-        q, k = bits((T, Hi, Di)), bits((N, Di))
-        qs, ks = cp.ones((T, Hi), np.float32), cp.ones(N, np.float32)
-    elif mode == "bf16":
-        q = _bf16_bits(rng.standard_normal((T, Hi, Di), dtype=np.float32), "q")
-        k = _bf16_bits(rng.standard_normal((N, Di), dtype=np.float32), "k")
-        qs = ks = None
-    else:
-        raise ValueError(f"bench_index_scores: mode {mode!r}, expected fp8 or bf16")
-    w = rng.standard_normal((T, Hi), dtype=np.float32)
-    ends = (cp.arange(N - T + 1, N + 1) if causal else cp.full(T, N)).astype(np.int32)
-    starts = cp.zeros(T, np.int32)
-    out = cp.empty((T, N), np.float32)
-
-    def call():
-        index_scores_gpu(q, w, k, ends, qs, ks, starts, out=out, path=path, splits=splits, check_ranges=False)
-
-    for _ in range(3):
-        call()
-    times = []
-    begin, end = cp.cuda.Event(), cp.cuda.Event()
-    for _ in range(reps):
-        begin.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(begin, end))
-    return float(np.median(times))
