@@ -5,6 +5,7 @@ file compiles under NVRTC at run time and under `nvcc -cubin -arch=sm_90` in the
 """
 import functools
 import os
+import warnings
 
 import numpy as np
 
@@ -36,6 +37,47 @@ def module(filename, defines=()):
         source = f.read()
     options = ("--std=c++17",) + tuple(f"-D{d}" for d in defines)
     return cp.RawModule(code=source, options=options)
+
+
+@functools.lru_cache(maxsize=None)
+def module_sm90a(filename, defines=()):
+    """(module, has_wgmma): kernels/<filename> built for the arch-specific target sm_90a on Hopper.
+
+    wgmma needs sm_90a, which CuPy's RawModule does not ask NVRTC for, so on an sm_90 device we call
+    NVRTC ourselves. Anywhere else, or if that build fails (with a warning saying why), CuPy builds it
+    and only the mma.sync kernels are usable: the wgmma entry points trap there.
+    """
+    if cp.cuda.Device().compute_capability == "90":
+        try:
+            from cupy.cuda import nvrtc
+            with open(os.path.join(KERNEL_DIR, filename)) as f:
+                source = f.read()
+            options = ["--std=c++17", "-arch=sm_90a"] + [f"-D{d}" for d in defines]
+            prog = nvrtc.createProgram(source, filename, [], [])
+            try:
+                try:
+                    nvrtc.compileProgram(prog, options)
+                except nvrtc.NVRTCError as e:
+                    raise RuntimeError(f"NVRTC failed on {filename}:\n{nvrtc.getProgramLog(prog)}") from e
+                cubin = nvrtc.getCUBIN(prog)
+            finally:
+                nvrtc.destroyProgram(prog)
+            mod = cp.cuda.function.Module()
+            mod.load(cubin)
+            return mod, True
+        except Exception as e:  # keep working on the mma.sync kernels, but say why
+            warnings.warn(f"{filename}: sm_90a build failed, using the mma.sync kernels ({e})")
+    return module(filename, tuple(defines)), False
+
+
+def with_dynamic_smem(f, smem):
+    """Opt kernel f into `smem` bytes of dynamic shared memory (above 48 KB needs the opt-in)."""
+    if hasattr(f, "max_dynamic_shared_size_bytes"):  # RawKernel (CuPy-built module)
+        f.max_dynamic_shared_size_bytes = smem
+    else:                                            # cupy.cuda.function.Function (our sm_90a build)
+        drv = cp.cuda.driver
+        drv.funcSetAttribute(f.ptr, getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8), smem)
+    return f
 
 
 def kernel(filename, name, defines=()):

@@ -13,12 +13,10 @@ hisa_token_scores, slots_to_positions and force_blocks dispatch on where their f
 arrays go to kernels/hisa_tokens.cu, numpy arrays to the reference (the oracle of the GPU tests).
 """
 import functools
-import os
-import warnings
 
 import numpy as np
 
-from kernels._cuda import KERNEL_DIR, check, check_array, is_gpu, kernel, module, xp_of
+from kernels._cuda import check, check_array, is_gpu, kernel, module_sm90a, with_dynamic_smem, xp_of
 from kernels.fp8 import E4M3_TABLE
 
 
@@ -191,50 +189,16 @@ def plan(T, Hi, Di, fp8, m, B, wgmma, num_sms=132, splits=None):
     return name, (T, nsplit), (threads,), smem, per_cta * tile
 
 
-@functools.lru_cache(maxsize=None)
 def _module(defs):
-    """hisa_tokens.cu built for one -D set: (module, has_wgmma).
-
-    The wgmma kernel needs the arch-specific target sm_90a, which CuPy's RawModule does not ask NVRTC for,
-    so on Hopper NVRTC is called here (as in kernels/indexer.py). Anywhere else, or if that fails, CuPy
-    builds it and only the mma.sync kernel is usable (the wgmma entry point traps there).
-    """
-    import cupy as cp
-    if cp.cuda.Device().compute_capability == "90":
-        try:
-            from cupy.cuda import nvrtc
-            with open(os.path.join(KERNEL_DIR, "hisa_tokens.cu")) as f:
-                source = f.read()
-            options = ["--std=c++17", "-arch=sm_90a"] + [f"-D{d}" for d in defs]
-            prog = nvrtc.createProgram(source, "hisa_tokens.cu", [], [])
-            try:
-                try:
-                    nvrtc.compileProgram(prog, options)
-                except nvrtc.NVRTCError as e:
-                    raise RuntimeError(f"NVRTC failed on hisa_tokens.cu:\n{nvrtc.getProgramLog(prog)}") from e
-                cubin = nvrtc.getCUBIN(prog)
-            finally:
-                nvrtc.destroyProgram(prog)
-            mod = cp.cuda.function.Module()
-            mod.load(cubin)
-            return mod, True
-        except Exception as e:  # keep working on the mma.sync kernel, but say why
-            warnings.warn(f"hisa_tokens: sm_90a build failed, using the mma.sync kernel ({e})")
-    return module("hisa_tokens.cu", defs), False
+    """hisa_tokens.cu built for one -D set: (module, has_wgmma); see _cuda.module_sm90a."""
+    return module_sm90a("hisa_tokens.cu", defs)
 
 
 @functools.lru_cache(maxsize=None)
 def _function(defs, name, smem):
-    """A score kernel, opted into `smem` bytes of dynamic shared memory (above 48 KB needs the opt-in)."""
-    import cupy as cp
+    """A score kernel, opted into `smem` bytes of dynamic shared memory."""
     f = _module(defs)[0].get_function(name)
-    if smem > 0:
-        if hasattr(f, "max_dynamic_shared_size_bytes"):  # RawKernel (CuPy-built module)
-            f.max_dynamic_shared_size_bytes = smem
-        else:                                            # cupy.cuda.function.Function (our sm_90a build)
-            drv = cp.cuda.driver
-            drv.funcSetAttribute(f.ptr, getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8), smem)
-    return f
+    return with_dynamic_smem(f, smem) if smem > 0 else f
 
 
 @functools.lru_cache(maxsize=256)

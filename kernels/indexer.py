@@ -9,12 +9,10 @@ index_scores_reference is the oracle and the CPU path; index_scores_gpu launches
 index_scores picks one by where q lives. bench/kernels.py times the kernel.
 """
 import functools
-import os
-import warnings
 
 import numpy as np
 
-from kernels._cuda import KERNEL_DIR, check, check_array, is_gpu, module, xp_of
+from kernels._cuda import check, check_array, is_gpu, module_sm90a, with_dynamic_smem, xp_of
 from kernels.fp8 import e4m3_decode
 
 HEADS = (4, 8, 16, 32, 64)  # Hi the kernels are built for
@@ -76,52 +74,15 @@ def index_scores_reference(q, w, k, ends, q_scale=None, k_scale=None, starts=Non
 
 # --- GPU launcher ---------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def _module(Hi, Di):
-    """indexer.cu built for (Hi, Di); (module, has_wgmma).
-
-    wgmma needs the arch-specific target sm_90a, which CuPy's RawModule does not ask NVRTC for, so on
-    Hopper we call NVRTC ourselves. Anywhere else (or if that fails) CuPy builds it and only the
-    mma.sync kernels are usable (the wgmma entry points trap there).
-    """
-    import cupy as cp
-    defines = (f"HI={Hi}", f"DI={Di}")
-    cc = cp.cuda.Device().compute_capability
-    if cc == "90":
-        try:
-            from cupy.cuda import nvrtc
-            with open(os.path.join(KERNEL_DIR, "indexer.cu")) as f:
-                source = f.read()
-            options = ["--std=c++17", "-arch=sm_90a"] + [f"-D{d}" for d in defines]
-            prog = nvrtc.createProgram(source, "indexer.cu", [], [])
-            try:
-                try:
-                    nvrtc.compileProgram(prog, options)
-                except nvrtc.NVRTCError as e:
-                    raise RuntimeError(f"NVRTC failed on indexer.cu:\n{nvrtc.getProgramLog(prog)}") from e
-                cubin = nvrtc.getCUBIN(prog)
-            finally:
-                nvrtc.destroyProgram(prog)
-            mod = cp.cuda.function.Module()
-            mod.load(cubin)
-            return mod, True
-        except Exception as e:  # keep working on the mma.sync path, but say why
-            warnings.warn(f"indexer: sm_90a build failed, using the mma.sync kernels ({e})")
-    return module("indexer.cu", defines), False
+    """indexer.cu built for (Hi, Di): (module, has_wgmma); see _cuda.module_sm90a."""
+    return module_sm90a("indexer.cu", (f"HI={Hi}", f"DI={Di}"))
 
 
 @functools.lru_cache(maxsize=None)
 def _function(Hi, Di, name, smem):
-    """The kernel, opted into `smem` bytes of dynamic shared memory (above 48 KB needs the opt-in)."""
-    import cupy as cp
-    mod, _ = _module(Hi, Di)
-    f = mod.get_function(name)
-    if hasattr(f, "max_dynamic_shared_size_bytes"):  # RawKernel (CuPy-built module)
-        f.max_dynamic_shared_size_bytes = smem
-    else:                                            # cupy.cuda.function.Function (our sm_90a build)
-        drv = cp.cuda.driver
-        drv.funcSetAttribute(f.ptr, getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8), smem)
-    return f
+    """The kernel, opted into `smem` bytes of dynamic shared memory."""
+    return with_dynamic_smem(_module(Hi, Di)[0].get_function(name), smem)
 
 
 @functools.lru_cache(maxsize=None)
