@@ -617,7 +617,9 @@ def generate(model, prompt_ids, max_new_tokens, selector, temperature=0.0, top_p
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "random-tiny")
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DEFAULT_CHECKPOINT = os.path.join(WEIGHTS, "dsv32-small")  # trained by weights/make_model (its README.md)
+RANDOM_CHECKPOINT = os.path.join(WEIGHTS, "random-tiny")   # random weights, written when first asked for
 
 
 def main(argv=None):
@@ -629,8 +631,8 @@ def main(argv=None):
     ap.add_argument("--hisa-block", type=int, default=None, help="HISA block size B (default index_topk/16)")
     ap.add_argument("--hisa-blocks", type=int, default=None, help="HISA blocks kept m (default 64)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the V3.2 chat encoding")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
@@ -645,7 +647,7 @@ def main(argv=None):
 
 def run(args):
     from weights.tokenizer import StreamDecoder, Tokenizer
-    if os.path.abspath(args.ckpt) == DEFAULT_CHECKPOINT and not os.path.exists(os.path.join(args.ckpt, "config.json")):
+    if os.path.abspath(args.ckpt) == RANDOM_CHECKPOINT and not os.path.exists(os.path.join(args.ckpt, "config.json")):
         from weights.random_checkpoint import write_random_checkpoint
         print(f"writing the random-weights demo checkpoint to {args.ckpt}", file=sys.stderr)
         write_random_checkpoint(args.ckpt)

@@ -136,10 +136,7 @@ def bench_setting(name, L, Q, chunk, reps, with_torch):
 
 def bench_model(tokens=960, new=32):
     import model as Mdl
-    from weights.random_checkpoint import write_random_checkpoint
     folder = Mdl.DEFAULT_CHECKPOINT
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        write_random_checkpoint(folder)
     cfg, m, _ = Mdl.load(folder, "gpu", progress=False)
     ids = [0] + list(np.random.default_rng(0).integers(6, 262, tokens - 1))
     rows = []

@@ -122,3 +122,15 @@ def test_empty_prompt(base):
 
 def test_missing_folder(tmp_path):
     expect_error(*cli("--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"), "nowhere")
+
+
+def test_default_model_writes_text():
+    """`make run` with nothing else: the shipped trained model, sampled, writes words after the prompt."""
+    if not os.path.exists(os.path.join(ROOT, "weights", "dsv32-small", "config.json")):
+        pytest.skip("weights/dsv32-small is not in this checkout")
+    code, out, err = cli("--prompt", "The history of the", "--max-new-tokens", "24", "--seed", "1")
+    assert code == 0, err
+    assert "dsv32-small" in err and "[CPU, indexer dsa (fp8)" in err
+    assert out.startswith("The history of the")
+    words = out[len("The history of the"):].split()
+    assert len(words) >= 3 and sum(w.strip(".,;:").isalpha() for w in words) >= len(words) // 2, out

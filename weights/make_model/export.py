@@ -265,6 +265,16 @@ def engine_passkey(folder, data_folder, length, n=20, indexer="dsa", precision="
     return hits / n
 
 
+def write_heldout(folder, data_folder):
+    """heldout.npz beside the model: each source's validation token ids (never trained on), for the
+    evaluation (`make eval`) and the model card, so a checkout without the corpus can still measure."""
+    from weights.make_model import corpus
+    stream = corpus.TokenStream(data_folder, "val")
+    path = os.path.join(folder, "heldout.npz")
+    np.savez_compressed(path, **{name: np.asarray(a, np.uint16) for name, a in stream.arrays.items()})
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Export a training run in the released DeepSeek-V3.2 layout.")
     ap.add_argument("--run", default=os.path.join(HERE, "runs", "main"))
@@ -272,15 +282,20 @@ def main(argv=None):
     ap.add_argument("--data", default=os.path.join(HERE, "data", "tokens"), help="token folder (tokenizer.json, pieces)")
     ap.add_argument("--no-check", action="store_true", help="skip running the engine against the reference")
     ap.add_argument("--no-export", action="store_true", help="use the folder --out as it is (with --passkey)")
+    ap.add_argument("--heldout-only", action="store_true", help="only (re)write --out/heldout.npz from --data")
     ap.add_argument("--passkey", type=int, default=0, metavar="N",
                     help="also measure the engine's pass-key accuracy on N documents at 4096 tokens (dense and DSA, "
                          "fp8); ~2.5 min per document on the CPU, use --device gpu on the GPU machine")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="engine device for --passkey")
     args = ap.parse_args(argv)
+    if args.heldout_only:
+        print(f"wrote {write_heldout(args.out, args.data)}", file=sys.stderr)
+        return
     if not args.no_export:
         cfg_dict, weights, step = load_trained(args.run)
         write_folder(weights, cfg_dict, os.path.join(args.data, "tokenizer.json"), args.out)
         write_reference(args.out, args.data)
+        write_heldout(args.out, args.data)
         size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
         print(f"wrote {args.out} from step {step} of {args.run}: {size / 1e6:.1f} MB", file=sys.stderr)
         if size > 40e6:
