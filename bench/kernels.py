@@ -4,6 +4,7 @@ median over reps, launches included. torch appears here only as a reference poin
     python bench/kernels.py topk          # our top-k vs torch.topk, normal and indexer-like rows
     python bench/kernels.py indexer       # index_scores, fp8/bf16, wgmma and mma.sync paths
     python bench/kernels.py tokens        # the HISA token stage, wgmma and mma.sync paths
+    python bench/kernels.py fp8gemm       # FP8 linear: prefill vs torch._scaled_mm, decode GB/s vs a device copy
 """
 import importlib.util
 import os
@@ -14,6 +15,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy as cp  # noqa: E402  (GPU-only)
 
+from kernels.fp8_gemm import _num_sms, fp8_gemm_gpu, fp8_linear_gpu, plan, quantize_activations_gpu  # noqa: E402
 from kernels.hisa_tokens import hisa_token_scores_gpu  # noqa: E402
 from kernels.indexer import index_scores_gpu  # noqa: E402
 from kernels.topk import topk_gpu  # noqa: E402
@@ -123,6 +125,117 @@ def bench_token_scores(T, L, Hi=64, Di=128, B=128, m=64, path=None, splits=None,
                                                    splits=splits), reps=reps)
 
 
+# --- FP8 linear layer (kernels/fp8_gemm.py) -------------------------------------------------------------
+
+FP8_SHAPES = [(1536, 7168), (24576, 1536), (7168, 2048), (576, 7168), (2048, 7168)]  # (N, K) of V3.2 linears
+FP8_BIG = [(18432, 7168), (7168, 18432)]  # the dense MLP: large enough that launch gaps do not matter
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {}
+}"""
+
+
+def time_ms_queued(fn, inputs=(None,), reps=50, warmup=3):
+    """Device ms per fn(x) for kernels shorter than their host-side launch cost: a spinning kernel holds the
+    stream while all reps launches are queued behind it, so the events time the GPU, not Python."""
+    spin = cp.RawKernel(_SPIN, "spin")
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    spin((1,), (1,), (np.int64(40_000_000),))  # 20-40 ms of clocks: time enough to queue every launch
+    start.record()
+    for i in range(reps):
+        fn(inputs[(i + warmup) % len(inputs)])
+    end.record()
+    end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / reps
+
+
+def fp8_weight_pool(N, K, min_bytes=256 << 20):
+    """Copies of one random FP8 weight shape totalling >= min_bytes, used in turn so that L2 (50-60 MB) does
+    not hold the one being read. Scales are 1: speed does not depend on values."""
+    rng = cp.random.default_rng(0)
+    n = max(1, -(-min_bytes // (N * K)))
+    scale = cp.ones((-(-N // 128), -(-K // 128)), np.float32)
+    return [(fp8_bits(rng, (N, K)), scale) for _ in range(n)]
+
+
+def copy_gbps(nbytes=1 << 30):
+    """Device-to-device copy bandwidth, counting bytes read + written (the usual 'copy' figure)."""
+    src, dst = cp.ones(nbytes // 4, np.float32), cp.empty(nbytes // 4, np.float32)
+    ms = time_ms(lambda _: cp.copyto(dst, src), reps=20)
+    return 2 * nbytes / ms / 1e6
+
+
+def torch_fp8_reference(T, N, K):
+    """((ms of torch._scaled_mm, scaling used), ms of bf16 torch.matmul) at [T, K] x [N, K]^T; None without torch.
+
+    _scaled_mm takes no 128x128 block scales in every torch version: rowwise scales (one per token, one per
+    output channel) are the reference rate, per-tensor scales if rowwise is refused. Both skip our per-block
+    promotion, so they bound what the block-scaled product can reach."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+    a = torch.randn(T, K, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(N, K, device="cuda").to(torch.float8_e4m3fn)
+    events = dict(new_event=lambda: torch.cuda.Event(enable_timing=True), elapsed=lambda s, e: s.elapsed_time(e))
+    scaled = (float("nan"), "refused")
+    for kind, sa, sb in (("rowwise", torch.ones(T, 1, device="cuda"), torch.ones(1, N, device="cuda")),
+                         ("per-tensor", torch.ones((), device="cuda"), torch.ones((), device="cuda"))):
+        try:
+            torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        except (RuntimeError, TypeError):
+            continue
+        scaled = (time_ms(lambda _: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+                          **events), kind)
+        break
+    xa, wb = torch.randn(T, K, device="cuda", dtype=torch.bfloat16), torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    bf16 = time_ms(lambda _: xa @ wb.t(), **events)
+    return scaled, bf16
+
+
+def fp8gemm_tables(T_prefill=4096):
+    print(f"prefill, T = {T_prefill}: y fp32 = x W^T with 128x128 weight blocks and per-token 128-channel x blocks")
+    print(f"{'N':>6} {'K':>6} {'quant ms':>9} {'wgmma ms':>9} {'TFLOP/s':>8} {'mma ms':>8} "
+          f"{'_scaled_mm ms':>14} {'TFLOP/s':>8} {'scales':>10} {'bf16 ms':>8}")
+    rng = cp.random.default_rng(1)
+    for N, K in FP8_SHAPES:
+        x = rng.standard_normal((T_prefill, K), dtype=np.float32)
+        x8, sx = quantize_activations_gpu(x)
+        w8, ws = fp8_weight_pool(N, K, 0)[0]
+        out = cp.empty((T_prefill, N), np.float32)
+        flop = 2 * T_prefill * N * K
+        q = time_ms(lambda _: quantize_activations_gpu(x, x8=x8, sx=sx))
+        g = time_ms(lambda _: fp8_gemm_gpu(x8, sx, w8, ws, out=out, path="wgmma"))
+        m = time_ms(lambda _: fp8_gemm_gpu(x8, sx, w8, ws, out=out, path="mma"), reps=5)
+        ref = torch_fp8_reference(T_prefill, N, K)
+        if ref is None:
+            tail = f"{'-':>14} {'-':>8} {'no torch':>10} {'-':>8}"
+        else:
+            (sms, kind), bms = ref
+            tail = f"{sms:14.3f} {flop / sms / 1e9:8.0f} {kind:>10} {bms:8.3f}"
+        print(f"{N:>6} {K:>6} {q:9.3f} {g:9.3f} {flop / g / 1e9:8.0f} {m:8.3f} {tail}")
+
+    copy = copy_gbps()
+    print(f"\ndecode: the weight streamed once per call; device copy {copy:.0f} GB/s (read + write) in this run")
+    print("GEMV ms is device time with launches queued (time_ms_queued); 'linear ms' is one fp8_linear call")
+    print("(quantise + GEMV), host time included.")
+    print(f"{'N':>6} {'K':>6} {'T':>3} {'splits':>6} {'GEMV ms':>8} {'GB/s':>6} {'of copy':>7} {'linear ms':>9}")
+    for N, K in FP8_SHAPES + FP8_BIG:
+        pool = fp8_weight_pool(N, K)
+        for T in (1, 8, 16):
+            x = rng.standard_normal((T, K), dtype=np.float32)
+            x8, sx = quantize_activations_gpu(x)
+            out = cp.empty((T, N), np.float32)
+            ms = time_ms_queued(lambda w: fp8_gemm_gpu(x8, sx, w[0], w[1], out=out), pool)
+            lin = time_ms(lambda w: fp8_linear_gpu(x, w[0], w[1], out=out), pool)
+            splits = plan(T, N, K, False, _num_sms())[4]
+            gbps = N * K / ms / 1e6
+            print(f"{N:>6} {K:>6} {T:>3} {splits:>6} {ms:8.4f} {gbps:6.0f} {gbps / copy:7.2f} {lin:9.4f}")
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) > 1 else "topk"
     if what == "topk":
@@ -137,8 +250,10 @@ def main():
         for T in (1024, 1):
             for path in ("wgmma", "mma"):
                 print(f"T={T} L=131072 {path}: {bench_token_scores(T, 131072, path=path):.3f} ms")
+    elif what == "fp8gemm":
+        fp8gemm_tables()
     else:
-        sys.exit("usage: python bench/kernels.py [topk|indexer|tokens]")
+        sys.exit("usage: python bench/kernels.py [topk|indexer|tokens|fp8gemm]")
 
 
 if __name__ == "__main__":

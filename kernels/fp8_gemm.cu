@@ -1,0 +1,587 @@
+// FP8 block-scaled linear layer (DeepSeek-V3 weights): y = x W^T with both operands in e4m3.
+//
+//   y[t, n] = sum_b sx[t, b] * sw[n / 128, b] * sum_{k in block b} e4m3(x8[t, k]) * e4m3(w8[n, k])
+//
+// K is cut into KB = ceil(K / 128) blocks of 128 channels. Each block's dot is formed on its own and
+// only then scaled and added to an fp32 total ("promotion", as in DeepGEMM): the weight scale changes
+// every 128 channels, and Hopper's fp8 tensor cores keep only ~13 bits while they accumulate, so a
+// fresh accumulator per block keeps the error at the size of one block's sum, not of the whole row.
+//
+// Arguments (row-major, contiguous):
+//   x      float [T, K], or bf16 bit patterns uint16 [T, K]              (quantize kernels only)
+//   x8     uint8 [T, KP] e4m3 bits, KP = 128 * KB; columns K..KP-1 hold zeros, so every activation
+//          row is whole blocks, 16-byte aligned, and needs no bounds checks along K
+//   sx     float [T, KB] power-of-two ("ue8m0") scales, one per token and block
+//   w8     uint8 [N, K] e4m3 bits, as stored in the checkpoint (no padding, no copy)
+//   sw     float [ceil(N / 128), KB] weight scales (the checkpoint's weight_scale_inv)
+//   y      float [T, N]
+//   vec    GEMM/GEMV: 1 when w8 rows are 16-byte aligned (K % 16 == 0 and an aligned base): 16-byte
+//          loads; 0: byte loads (any K or base; no real layer needs them: correct but slow).
+//          quantize: 1 when each lane can read its 4 channels in one load (K % 4 == 0, aligned base).
+//
+// Kernels (launch plans in kernels/fp8_gemm.py):
+//   quantize_act_f32 / _bf16   x -> x8, sx. One warp per (token, block), 4 channels per lane: amax by
+//       warp shuffles, s = 2^ceil(log2(max(amax, 1e-4) / 448)), x8 = e4m3(clamp(x / s, +-448)) (the
+//       rule of kernels/fp8.py:quantize_ue8m0). Block 256 threads, grid ceil(T * KB / 8).
+//   fp8_gemm_wgmma    prefill (T > 16), sm_90a only. CTA tile 128 tokens x 128 weight rows, 2 warpgroups
+//       (256 threads), one per 64 tokens; K in steps of one 128-block. A 4-deep cp.async ring stages
+//       x and W tiles (128 B rows, 128-byte swizzle); per block each warpgroup issues 4 wgmma
+//       m64n128k32 e4m3 into a fresh accumulator, waits, and promotes it into its fp32 total with
+//       sx[token] * sw. While one warpgroup promotes, the other's MMAs keep the tensor cores busy.
+//       Grid ceil(N / 128) * ceil(T / 128) CTAs (1-D, grouped raster), 1 CTA per SM (~200 registers
+//       a thread), dynamic shared memory 2 * 4 * 16 KB + 1 KB.
+//   fp8_gemv_t8 / _t16  decode (T <= 16; and, with grid.z token tiles of 16, the mma.sync fallback for any
+//       T). Memory-bound: the weight is streamed once in 16-byte loads that skip L1. CTA = 8 warps on 64
+//       weight rows: warp w takes rows 32 * (w % 2) .. +31 and every 4th K block starting at w / 2; per
+//       block it converts e4m3 -> f16 (exact) in registers and runs mma.sync m16n8k16 (f32 accumulate)
+//       with the weight rows as M and up to 8 (_t8) or 16 (_t16) tokens as N, then promotes. The 4 warps
+//       of a row set are summed in shared memory. Few rows (decode of a narrow layer) leave SMs idle,
+//       so grid.y splits K as well: each CTA stores its partial to ws[split], and the last CTA of a
+//       tile (an atomic ticket in counters[]) adds the splits in split order, so the result does not
+//       depend on timing, and resets its ticket for the next launch. Grid (ceil(N / 64), splits,
+//       ceil(T / 16)); ws float [splits, T, N] and counters int [grid.x * grid.z] (zero on entry) are
+//       only touched when splits > 1.
+//
+// NVRTC-compatible: no #include, no std::, extern "C" entry points.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+#define E4M3_MAX 448.0f
+
+extern __shared__ __align__(1024) u8 smem_raw[];
+
+// ---------------------------------------------------------------------------------------------------
+// Small PTX wrappers
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes < 16 zero-fills the rest (0: all zeros).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void st_shared16(u32 addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Make this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to wgmma.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Weight bytes are read exactly once per launch: do not let them evict anything from L1.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+// Small read-only data (x8, scales): through the non-coherent path, cached in L1.
+__device__ __forceinline__ uint4 ld_nc16(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ float ld_nc(const float* p) {
+  float r;
+  asm("ld.global.nc.f32 %0, [%1];" : "=f"(r) : "l"(p));
+  return r;
+}
+// Data written by other CTAs of this launch: from L2, never from a stale L1 line.
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float r;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p) : "memory");
+  return r;
+}
+
+__device__ __forceinline__ uint4 zero4() {
+  uint4 z;
+  z.x = z.y = z.z = z.w = 0u;
+  return z;
+}
+
+__device__ __forceinline__ void trap() { asm volatile("trap;"); }
+
+__device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// 16 weight bytes of one row from column `col` (a multiple of 16); zeros past K. With VEC the row is
+// 16-byte aligned and K % 16 == 0, so a chunk is either wholly inside the row or wholly past its end.
+template <bool VEC>
+__device__ __forceinline__ uint4 load_w16(const u8* __restrict__ row, int col, int K) {
+  if constexpr (VEC) return col < K ? ld_stream16(row + col) : zero4();
+  u32 w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (col + i < K) w[i / 4] |= (u32)row[col + i] << (8 * (i % 4));
+  uint4 v;
+  v.x = w[0], v.y = w[1], v.z = w[2], v.w = w[3];
+  return v;
+}
+
+// 2^ceil(log2 r) for a positive normal float, exactly (r a power of two stays itself).
+__device__ __forceinline__ float ceil_pow2(float r) {
+  const u32 u = __float_as_uint(r);
+  return (u & 0x7FFFFFu) ? __uint_as_float(((u >> 23) + 1) << 23) : r;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Activation quantisation: x -> (x8, sx)
+
+// e4m3 of two floats already within +-448, round to nearest even; lo goes to the low byte.
+__device__ __forceinline__ u32 e4m3x2(float lo, float hi) {
+  u16 r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float((u32)b << 16); }
+
+template <bool BF16>
+__device__ __forceinline__ void quantize_body(const void* __restrict__ xin, u8* __restrict__ x8,
+                                              float* __restrict__ sx, int T, int K, int vec) {
+  const int lane = threadIdx.x & 31;
+  const long long job = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int KB = (K + 127) / 128;
+  if (job >= (long long)T * KB) return;
+  const int t = (int)(job / KB), b = (int)(job % KB);
+  const int k0 = b * 128 + 4 * lane;
+  float v[4];
+  if constexpr (BF16) {
+    const u16* row = reinterpret_cast<const u16*>(xin) + (long long)t * K;
+    if (vec && k0 + 4 <= K) {
+      const uint2 p = *reinterpret_cast<const uint2*>(row + k0);
+      v[0] = bf16_to_f32((u16)p.x), v[1] = bf16_to_f32((u16)(p.x >> 16));
+      v[2] = bf16_to_f32((u16)p.y), v[3] = bf16_to_f32((u16)(p.y >> 16));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = k0 + i < K ? bf16_to_f32(row[k0 + i]) : 0.f;
+    }
+  } else {
+    const float* row = reinterpret_cast<const float*>(xin) + (long long)t * K;
+    if (vec && k0 + 4 <= K) {
+      const float4 p = *reinterpret_cast<const float4*>(row + k0);
+      v[0] = p.x, v[1] = p.y, v[2] = p.z, v[3] = p.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = k0 + i < K ? row[k0 + i] : 0.f;
+    }
+  }
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, o));
+  // The same float32 steps as the numpy reference: amax / 448 rounded once, then up to a power of two.
+  const float s = ceil_pow2(fmaxf(amax, 1e-4f) / E4M3_MAX);
+  const float inv = 1.0f / s;  // exact: s is a power of two, so v * inv == v / s
+  float q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) q[i] = fminf(fmaxf(v[i] * inv, -E4M3_MAX), E4M3_MAX);
+  const u32 packed = e4m3x2(q[0], q[1]) | (e4m3x2(q[2], q[3]) << 16);
+  *reinterpret_cast<u32*>(x8 + (long long)t * KB * 128 + k0) = packed;  // padding lanes write zeros
+  if (lane == 0) sx[(long long)t * KB + b] = s;
+}
+
+extern "C" __global__ void quantize_act_f32(const float* __restrict__ x, u8* __restrict__ x8,
+                                            float* __restrict__ sx, int T, int K, int vec) {
+  quantize_body<false>(x, x8, sx, T, K, vec);
+}
+extern "C" __global__ void quantize_act_bf16(const u16* __restrict__ x, u8* __restrict__ x8,
+                                             float* __restrict__ sx, int T, int K, int vec) {
+  quantize_body<true>(x, x8, sx, T, K, vec);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decode GEMV (and the mma.sync fallback): weight rows x up to 16 tokens on mma.sync
+
+#define GV_THREADS 256
+#define GV_ROWS 64   // weight rows per CTA (two sets of 32)
+#define GV_PHASES 4  // warps per row set, taking every 4th K block
+
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v16) {  // low byte -> low half; exact
+  u32 r;
+  const u16 h = (u16)v16;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(h));
+  return r;
+}
+
+__device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// K-order bookkeeping. Thread (g = lane/4, q = lane%4) loads, for each of its rows (weight rows g and
+// g+8 of an m16 group; token g of an n8 tile), the 16 bytes at 64c + 16q of the block, c = 0, 1: each
+// 64-byte half of a 128-byte block row is read whole by one instruction. Word j of such a chunk makes
+// one k16 step: its low two bytes fill the fragment slots k = 2q, 2q+1 and its high two bytes k = 2q+8,
+// 2q+9 (m16n8k16 layout: a0/a1 rows g/g+8 at 2q.., a2/a3 at 2q+8..; b0 at 2q.., b1 at 2q+8..). A slot
+// maps to the same channel 64c + 16q + 4j + {0..3} in A and in B, independently of g, so each mma sums
+// true products; which channels go to which step is irrelevant to the block's sum.
+template <int NT, bool VEC>
+__device__ __forceinline__ void gemv_body(const u8* __restrict__ x8, const float* __restrict__ sx,
+                                          const u8* __restrict__ w8, const float* __restrict__ sw,
+                                          float* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
+                                          int T, int N, int K, float (*red)[GV_ROWS][16], int* last) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int rset = warp % 2, phase = warp / 2;
+  const int KB = (K + 127) / 128, KP = KB * 128;
+  const int row0 = blockIdx.x * GV_ROWS;             // CTA's first weight row; all 64 share one scale row
+  const int n0 = row0 + rset * 32;                   // this warp's first row
+  const int tok0 = blockIdx.z * 16;
+  const int split = blockIdx.y, nsplit = gridDim.y;
+  const int kb0 = (int)((long long)split * KB / nsplit), kb1 = (int)((long long)(split + 1) * KB / nsplit);
+  const float* swrow = sw + (long long)(row0 / 128) * KB;
+
+  float acc[2][NT][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
+
+  // Rows past N and tokens past T re-read the last real one: an mma output (row, token) depends only on
+  // that row and that token, and those outputs are never stored, so no predicates are needed.
+  const u8* wrow[2][2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wrow[r][h] = w8 + (long long)min(n0 + 16 * r + 8 * h + g, N - 1) * K;
+  const u8* xrow[NT];
+  int tcol[NT][2];  // the tokens of accumulator columns 2q, 2q+1
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    xrow[nt] = x8 + (long long)min(tok0 + 8 * nt + g, T - 1) * KP;
+    tcol[nt][0] = min(tok0 + 8 * nt + 2 * q, T - 1);
+    tcol[nt][1] = min(tok0 + 8 * nt + 2 * q + 1, T - 1);
+  }
+
+  for (int b = kb0 + phase; b < kb1; b += GV_PHASES) {
+    // Issue every load of the block before the first use, so ~128 bytes per thread are in flight.
+    uint4 wv[2][2][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          wv[r][h][c] = load_w16<VEC>(wrow[r][h], b * 128 + 64 * c + 16 * q, K);
+    uint4 xv[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        xv[nt][c] = ld_nc16(xrow[nt] + b * 128 + 64 * c + 16 * q);
+    const float swb = ld_nc(swrow + b);
+    float m[NT][2];  // sx * sw for the accumulator columns 2q, 2q+1 of each n8 tile
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) m[nt][i] = ld_nc(sx + (long long)tcol[nt][i] * KB + b) * swb;
+
+    float d[2][NT][4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[r][nt][i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        u32 bf[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const u32 xw = word(xv[nt][c], j);
+          bf[nt][0] = e4m3x2_to_f16x2(xw);
+          bf[nt][1] = e4m3x2_to_f16x2(xw >> 16);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const u32 w0 = word(wv[r][0][c], j), w1 = word(wv[r][1][c], j);
+          const u32 a[4] = {e4m3x2_to_f16x2(w0), e4m3x2_to_f16x2(w1), e4m3x2_to_f16x2(w0 >> 16),
+                            e4m3x2_to_f16x2(w1 >> 16)};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816(d[r][nt], a, bf[nt]);
+        }
+      }
+    // Promotion: accumulator element i is row g (+8 for i >= 2), column (token) 2q + (i & 1).
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[r][nt][i] += d[r][nt][i] * m[nt][i & 1];
+  }
+
+  // Sum the 4 phase warps of each row set: red[phase][row][token], then one thread per output.
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        red[phase][rset * 32 + 16 * r + 8 * (i >> 1) + g][8 * nt + 2 * q + (i & 1)] = acc[r][nt][i];
+  __syncthreads();
+  constexpr int TT = 8 * NT;  // tokens per CTA
+  const long long TN = (long long)T * N;
+  // Output (token, row) pairs, rows fastest so that stores to y[t, :] are coalesced.
+  for (int i = tid; i < TT * GV_ROWS; i += GV_THREADS) {
+    const int tl = i / GV_ROWS, rl = i % GV_ROWS;
+    const int t = tok0 + tl, n = row0 + rl;
+    if (t >= T || n >= N) continue;
+    const float v = (red[0][rl][tl] + red[1][rl][tl]) + (red[2][rl][tl] + red[3][rl][tl]);
+    if (nsplit == 1)
+      y[(long long)t * N + n] = v;
+    else
+      ws[split * TN + (long long)t * N + n] = v;
+  }
+  if (nsplit == 1) return;
+
+  // Split K: the last CTA of this (row tile, token tile) to finish adds the partials in split order.
+  __threadfence();  // this CTA's partials are visible device-wide before its ticket is taken
+  __syncthreads();
+  const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+  if (tid == 0) *last = atomicAdd(counters + tile, 1) == nsplit - 1;
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();
+  for (int i = tid; i < TT * GV_ROWS; i += GV_THREADS) {
+    const int tl = i / GV_ROWS, rl = i % GV_ROWS;
+    const int t = tok0 + tl, n = row0 + rl;
+    if (t >= T || n >= N) continue;
+    float v = 0.f;
+    for (int s = 0; s < nsplit; ++s) v += ld_cg(ws + s * TN + (long long)t * N + n);
+    y[(long long)t * N + n] = v;
+  }
+  if (tid == 0) counters[tile] = 0;  // ready for the next launch (kernel boundaries order it)
+}
+
+#define GEMV_PARAMS                                                                                       \
+  const u8 *__restrict__ x8, const float *__restrict__ sx, const u8 *__restrict__ w8,                    \
+      const float *__restrict__ sw, float *__restrict__ y, float *__restrict__ ws, int *__restrict__ counters, \
+      int T, int N, int K, int vec
+
+// vec is uniform: choose the load path once, so the weight loads of a block issue back to back.
+template <int NT>
+__device__ __forceinline__ void gemv_entry(GEMV_PARAMS) {
+  __shared__ float red[GV_PHASES][GV_ROWS][16];
+  __shared__ int last;
+  if (vec)
+    gemv_body<NT, true>(x8, sx, w8, sw, y, ws, counters, T, N, K, red, &last);
+  else
+    gemv_body<NT, false>(x8, sx, w8, sw, y, ws, counters, T, N, K, red, &last);
+}
+
+extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_gemv_t8(GEMV_PARAMS) {
+  gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, T, N, K, vec);
+}
+extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_gemv_t16(GEMV_PARAMS) {
+  gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, T, N, K, vec);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill GEMM on wgmma (sm_90a only)
+
+#define GM_BM 128     // tokens per CTA (2 warpgroups x 64)
+#define GM_BN 128     // weight rows per CTA: one weight scale row
+#define GM_STAGES 4
+#define GM_GROUP 8    // token tiles per raster group
+#define GM_TILE (128 * 128)  // bytes of one 128-row x 128-byte operand tile
+#define GM_SMEM (2 * GM_STAGES * GM_TILE + 1024)  // + worst-case alignment of the base to 1024
+
+// Byte offset of 16-byte chunk x (0..7) of row r in a tile of 128-byte rows with the wgmma 128-byte
+// swizzle (chunk x of row r stored at x ^ (r mod 8); 1024-byte atoms of 8 rows), as in indexer.cu.
+__device__ __forceinline__ int tile_off(int r, int x) { return r * 128 + ((x ^ (r & 7)) << 4); }
+
+// Block kb of rows [row0, row0 + 128) of x8 [T, KP] into a swizzled tile; rows past T are zeros.
+__device__ __forceinline__ void load_x_tile(u32 dst, const u8* __restrict__ x8, int row0, int T, int KP, int kb,
+                                            int tid) {
+#pragma unroll
+  for (int it = 0; it < 128 * 8 / 256; ++it) {
+    const int i = tid + it * 256, r = i / 8, x = i % 8;
+    const bool ok = row0 + r < T;
+    cp_async16(dst + tile_off(r, x), x8 + (ok ? (long long)(row0 + r) * KP + kb * 128 + x * 16 : 0), ok ? 16 : 0);
+  }
+}
+
+// Block kb of weight rows [row0, row0 + 128) into a swizzled tile; rows past N and columns past K are zeros.
+template <bool VEC>
+__device__ __forceinline__ void load_w_tile(u32 dst, const u8* __restrict__ w8, int row0, int N, int K, int kb,
+                                            int tid) {
+#pragma unroll
+  for (int it = 0; it < 128 * 8 / 256; ++it) {
+    const int i = tid + it * 256, r = i / 8, x = i % 8;
+    const int col = kb * 128 + x * 16;
+    if constexpr (VEC) {
+      const bool ok = row0 + r < N && col < K;
+      cp_async16(dst + tile_off(r, x), w8 + (ok ? (long long)(row0 + r) * K + col : 0), ok ? 16 : 0);
+    } else {  // unaligned rows: plain loads and stores (fence_proxy_async before the barrier covers them)
+      const uint4 v = row0 + r < N ? load_w16<false>(w8 + (long long)(row0 + r) * K, col, K) : zero4();
+      st_shared16(dst + tile_off(r, x), v);
+    }
+  }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Shared-memory matrix descriptor of a K-major operand with the 128-byte swizzle: start address, leading
+// byte offset 16 (unused by swizzled K-major layouts), stride byte offset 1024 (between 8-row groups),
+// swizzle mode 1 in bits 62-63. Address fields in 16-byte units. The same descriptor as indexer.cu (DB = 128).
+__device__ __forceinline__ u64 make_desc(u32 addr) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Keep the compiler from moving accumulator reads or writes across the async MMA's issue and wait.
+template <int NR>
+__device__ __forceinline__ void fence_regs(float* d) {
+#pragma unroll
+  for (int i = 0; i < NR; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D[64 x 128] (+)= A[64 x 32] * B[128 x 32]^T, e4m3 in, f32 accumulate; accumulate = 0 overwrites D.
+// D layout: warp v of the warpgroup holds rows 16v + lane/4 (+8); d[4j + {0,1}] are columns
+// 8j + 2(lane%4) + {0,1} of the first row, d[4j + {2,3}] of the second.
+__device__ __forceinline__ void wgmma_fp8_n128(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1; }"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <bool VEC>
+__device__ __forceinline__ void gemm_wgmma_body(const u8* __restrict__ x8, const float* __restrict__ sx,
+                                                const u8* __restrict__ w8, const float* __restrict__ sw,
+                                                float* __restrict__ y, int T, int N, int K) {
+  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wv = (tid >> 5) & 3;
+  const int KB = (K + 127) / 128, KP = KB * 128;
+  // Grouped raster: consecutive CTAs walk GM_GROUP token tiles x every weight tile, so one wave of CTAs
+  // reads a few x tiles and a slice of W, each many times, from L2 (row-major order would stream the
+  // whole weight once per token tile).
+  const int tiles_n = (N + GM_BN - 1) / GM_BN, tiles_m = (T + GM_BM - 1) / GM_BM;
+  const int group = blockIdx.x / (GM_GROUP * tiles_n), in_group = blockIdx.x % (GM_GROUP * tiles_n);
+  const int group_m = min(tiles_m - group * GM_GROUP, GM_GROUP);
+  const int tile_m = group * GM_GROUP + in_group % group_m, tile_n = in_group / group_m;
+  const int n0 = tile_n * GM_BN, m0 = tile_m * GM_BM;
+  const u32 raw = smem_addr(smem_raw);
+  const u32 base = raw + ((1024 - (raw & 1023)) & 1023);
+  const u32 a_s = base, b_s = base + GM_STAGES * GM_TILE;  // x tiles, then W tiles
+
+  for (int s = 0; s < GM_STAGES - 1; ++s) {
+    if (s < KB) {
+      load_x_tile(a_s + s * GM_TILE, x8, m0, T, KP, s, tid);
+      load_w_tile<VEC>(b_s + s * GM_TILE, w8, n0, N, K, s, tid);
+    }
+    cp_async_commit();
+  }
+
+  // This thread's accumulator rows (tokens) and the weight-scale row of the CTA's 128 weight rows.
+  const int tA = m0 + wg * 64 + wv * 16 + (lane >> 2), tB = tA + 8;
+  const float* sxA = sx + (long long)(tA < T ? tA : 0) * KB;
+  const float* sxB = sx + (long long)(tB < T ? tB : 0) * KB;
+  const float* swrow = sw + (long long)tile_n * KB;
+
+  float acc[64], d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+  for (int kb = 0; kb < KB; ++kb) {
+    cp_async_wait<GM_STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();  // block kb landed for all; block kb-1's stage is free (its MMAs were waited for)
+    if (kb + GM_STAGES - 1 < KB) {
+      const int s = (kb + GM_STAGES - 1) % GM_STAGES;
+      load_x_tile(a_s + s * GM_TILE, x8, m0, T, KP, kb + GM_STAGES - 1, tid);
+      load_w_tile<VEC>(b_s + s * GM_TILE, w8, n0, N, K, kb + GM_STAGES - 1, tid);
+    }
+    cp_async_commit();
+    // Scales first: their load latency hides behind the MMAs.
+    const float swb = ld_nc(swrow + kb);
+    const float mA = ld_nc(sxA + kb) * swb, mB = ld_nc(sxB + kb) * swb;
+
+    const int s = kb % GM_STAGES;
+    const u32 a_tile = a_s + s * GM_TILE + wg * 64 * 128, b_tile = b_s + s * GM_TILE;
+    fence_regs<64>(d);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < 4; ++c)  // the 32-byte k steps; the hardware applies the swizzle to +32c
+      wgmma_fp8_n128(d, make_desc(a_tile + 32 * c), make_desc(b_tile + 32 * c), c > 0);
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs<64>(d);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      acc[4 * j + 0] += d[4 * j + 0] * mA;
+      acc[4 * j + 1] += d[4 * j + 1] * mA;
+      acc[4 * j + 2] += d[4 * j + 2] * mB;
+      acc[4 * j + 3] += d[4 * j + 3] * mB;
+    }
+  }
+
+  // Columns 8j + 2(lane%4) + {0,1} of rows tA and tB.
+  const bool pairs = (N % 2) == 0;  // then (t * N + n) is even for even n: float2 stores are aligned
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int n = n0 + 8 * j + 2 * (lane & 3);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = h ? tB : tA;
+      if (t >= T) continue;
+      float* p = y + (long long)t * N + n;
+      const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+      if (pairs && n + 1 < N) {
+        float2 v;
+        v.x = v0, v.y = v1;
+        *reinterpret_cast<float2*>(p) = v;
+      } else {
+        if (n < N) p[0] = v0;
+        if (n + 1 < N) p[1] = v1;
+      }
+    }
+  }
+}
+
+#define GEMM_WGMMA_BODY()                                        \
+  if (smem_bytes < GM_SMEM) trap();                              \
+  if (vec)                                                       \
+    gemm_wgmma_body<true>(x8, sx, w8, sw, y, T, N, K);           \
+  else                                                           \
+    gemm_wgmma_body<false>(x8, sx, w8, sw, y, T, N, K)
+#else
+#define GEMM_WGMMA_BODY() trap()  // wgmma needs sm_90a: launching this elsewhere is a bug
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    fp8_gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
+                   const float* __restrict__ sw, float* __restrict__ y, int T, int N, int K, int vec,
+                   int smem_bytes) {
+  GEMM_WGMMA_BODY();
+}

@@ -1,0 +1,284 @@
+"""FP8 linear layer with DeepSeek-V3's block scales, y = x W^T, both operands in e4m3.
+
+The weight stays as stored (SPEC section 2): w8 uint8 e4m3 bits [N, K] and w_scale fp32 [ceil(N/128), ceil(K/128)],
+real W[n, k] = e4m3(w8[n, k]) * w_scale[n // 128, k // 128]. The activations x [T, K] are quantised per token
+and per block of 128 channels with power-of-two scales, the indexer's rule (kernels/fp8.py, quantize_ue8m0):
+
+    x8[t, k] = e4m3(clamp(x[t, k] / sx[t, b], +-448)),  sx[t, b] = 2^ceil(log2(max(amax_b |x[t]|, 1e-4) / 448))
+    y[t, n]  = sum_b sx[t, b] * w_scale[n // 128, b] * sum_{k in block b} e4m3(x8[t, k]) * e4m3(w8[n, k])
+
+Each block's dot is formed alone, then scaled and added (the weight scale changes every 128 channels). KB =
+ceil(K/128) blocks; x8 has KP = 128 * KB columns, zeros past K, so a ragged last block needs no special case.
+
+fp8_linear, quantize_activations and fp8_gemm dispatch on where their first array lives: numpy arrays go to
+the reference (also the GPU tests' oracle), CuPy arrays to kernels/fp8_gemm.cu. On the GPU, x is float32 or
+bf16 (uint16 bit patterns, or an ml_dtypes bfloat16 array); y is always float32. The reference takes any
+float dtype or bf16 bits and quantises from float32, as the kernels do.
+
+GPU kernels: T <= 16 (decode) a weight-streaming mma.sync GEMV; larger T a wgmma GEMM on Hopper (sm_90a),
+and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens. bench/kernels.py fp8gemm times them.
+"""
+import functools
+
+import numpy as np
+
+from kernels._cuda import check, check_array, is_gpu, module_sm90a, with_dynamic_smem, xp_of
+from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
+
+BLOCK = 128       # channels per scale block, both operands
+DECODE_T = 16     # up to this many tokens the GEMV kernel runs (it is memory-bound there)
+GV_ROWS = 64      # weight rows per GEMV CTA          (fp8_gemm.cu GV_ROWS)
+GV_TOKENS = 16    # tokens per GEMV CTA               (2 n8 tiles)
+GV_PHASES = 4     # warps splitting K inside a CTA    (fp8_gemm.cu GV_PHASES)
+GM_TILE = 128     # tokens and weight rows per wgmma CTA
+GM_SMEM = 2 * 4 * 128 * 128 + 1024  # 4 stages of x and W tiles + alignment slack (fp8_gemm.cu GM_SMEM)
+# "auto": wgmma on sm_90 (Hopper) for T > DECODE_T; "mma" forces the GEMV kernel for every T.
+DEFAULT_PATH = "auto"
+
+
+# --- Shapes shared by the reference and the launchers ------------------------------------------------
+
+def _weight_dims(w8, w_scale):
+    """(N, K, KB) of an FP8 weight after checking that its scales match it."""
+    check(getattr(w8, "ndim", None) == 2, f"w8: expected a 2-D [N, K] array of e4m3 bits, got shape {getattr(w8, 'shape', None)}")
+    check(w8.dtype == np.uint8, f"w8: dtype {w8.dtype}, expected uint8 (e4m3 bit patterns)")
+    N, K = w8.shape
+    check(N >= 1 and K >= 1, f"w8: shape {w8.shape}, both dims must be >= 1")
+    KB, NB = -(-K // BLOCK), -(-N // BLOCK)
+    check(getattr(w_scale, "shape", None) is not None and tuple(w_scale.shape) == (NB, KB),
+          f"w_scale: shape {getattr(w_scale, 'shape', None)}, expected ({NB}, {KB}) = (ceil(N/128), ceil(K/128)) "
+          f"for w8 of shape {w8.shape}")
+    return N, K, KB
+
+
+def _check_quantised(x8, sx, K, KB):
+    check(getattr(x8, "ndim", None) == 2, f"x8: expected a 2-D [T, KP] array, got shape {getattr(x8, 'shape', None)}")
+    check(x8.dtype == np.uint8, f"x8: dtype {x8.dtype}, expected uint8 (e4m3 bit patterns)")
+    T = x8.shape[0]
+    check(x8.shape[1] == KB * BLOCK, f"x8: shape {x8.shape}, expected {KB * BLOCK} columns: K = {K} padded to whole "
+                                     f"blocks of {BLOCK} (quantize_activations makes it)")
+    check(tuple(sx.shape) == (T, KB), f"sx: shape {sx.shape}, expected ({T}, {KB}) = (T, ceil(K/128))")
+    return T
+
+
+def _flat_tokens(x, K, name="x"):
+    """x [..., K] -> [T, K] (a view), and the leading shape to restore."""
+    check(getattr(x, "ndim", 0) >= 1, f"{name}: expected an array [..., K], got {type(x).__name__}")
+    check(x.shape[-1] == K, f"{name}: shape {x.shape}, its last dim should be K = {K} (the weight's input size)")
+    return x.reshape(-1, K), x.shape[:-1]
+
+
+def _bf16_to_f32(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+# --- Reference (numpy or CuPy) ----------------------------------------------------------------------
+
+def quantize_activations_reference(x):
+    """x float [T, K] (or bf16 bits uint16) -> x8 uint8 e4m3 bits [T, KP], sx fp32 [T, KB]."""
+    xp = xp_of(x)
+    check(getattr(x, "ndim", None) == 2, f"x: expected a 2-D [T, K] array, got shape {getattr(x, 'shape', None)}")
+    T, K = x.shape
+    check(K >= 1, f"x: shape {x.shape}, K must be >= 1")
+    if x.dtype == np.uint16 or x.dtype.name == "bfloat16":
+        x = _bf16_to_f32(x.view(np.uint16))
+    check(x.dtype.kind == "f", f"x: dtype {x.dtype}, expected a float dtype or bf16 bits (uint16)")
+    KB = -(-K // BLOCK)
+    xpad = xp.zeros((T, KB * BLOCK), np.float32)  # zeros do not change a block's amax (it is >= 1e-4)
+    xpad[:, :K] = x
+    v8, sx = quantize_ue8m0(xpad, BLOCK)
+    return e4m3_encode(v8), sx.astype(np.float32)
+
+
+def fp8_gemm_reference(x8, sx, w8, w_scale):
+    """y fp32 [T, N] from quantised activations (x8 [T, KP], sx [T, KB]) and an FP8 weight.
+
+    Every block's dot is exact in float64 (products of e4m3 values have <= 8 significant bits and 128 of
+    them span < 53), so the only roundings are the scale multiplications and the block sum in float64."""
+    xp = xp_of(x8)
+    N, K, KB = _weight_dims(w8, w_scale)
+    T = _check_quantised(x8, sx, K, KB)
+    xv = e4m3_decode(x8).astype(np.float64)
+    sxf = sx.astype(np.float64)
+    sw_rows = xp.repeat(w_scale.astype(np.float64), BLOCK, axis=0)[:N]  # [N, KB]: each row's scale row
+    y = xp.zeros((T, N), np.float64)
+    for b in range(KB):
+        lo, hi = b * BLOCK, min((b + 1) * BLOCK, K)
+        dot = xv[:, lo:hi] @ e4m3_decode(w8[:, lo:hi]).astype(np.float64).T  # (T, N), exact
+        y += dot * sxf[:, b:b + 1] * sw_rows[None, :, b]
+    return y.astype(np.float32)
+
+
+def fp8_linear_reference(x, w8, w_scale):
+    N, K, _ = _weight_dims(w8, w_scale)
+    x2, lead = _flat_tokens(x, K)
+    x8, sx = quantize_activations_reference(x2)
+    return fp8_gemm_reference(x8, sx, w8, w_scale).reshape(lead + (N,))
+
+
+# --- GPU launchers ----------------------------------------------------------------------------------
+
+def _module():
+    """fp8_gemm.cu: (module, has_wgmma); see _cuda.module_sm90a."""
+    return module_sm90a("fp8_gemm.cu")
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name):
+    f = _module()[0].get_function(name)
+    return with_dynamic_smem(f, GM_SMEM) if name == "fp8_gemm_wgmma" else f
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms():
+    import cupy as cp
+    return cp.cuda.Device().attributes["MultiProcessorCount"]
+
+
+_counters = {}  # device id -> int32 tickets of the split-K GEMV, zero between launches
+
+
+def _tickets(n):
+    """At least n zeroed int32 counters on the current device. Each split-K launch's last CTAs reset the
+    ones they used, so one array serves every launch of a stream (launches on several streams at once
+    would share tickets: this engine uses one)."""
+    import cupy as cp
+    dev = cp.cuda.Device().id
+    c = _counters.get(dev)
+    if c is None or c.size < n:
+        c = _counters[dev] = cp.zeros(max(n, 4096), np.int32)
+    return c
+
+
+def plan(T, N, K, wgmma, num_sms=132, splits=None):
+    """(kernel name, grid, block, dynamic shared memory, K splits) of one fp8_gemm call on the GPU."""
+    check(T >= 1 and N >= 1 and K >= 1, f"fp8_gemm: T = {T}, N = {N}, K = {K}, all must be >= 1")
+    KB = -(-K // BLOCK)
+    if wgmma and T > DECODE_T:
+        return "fp8_gemm_wgmma", (-(-N // GM_TILE) * -(-T // GM_TILE), 1, 1), (256,), GM_SMEM, 1
+    row_tiles, tok_tiles = -(-N // GV_ROWS), -(-T // GV_TOKENS)
+    check(tok_tiles <= 65535, f"fp8_gemm: T = {T} tokens, the GEMV grid allows {65535 * GV_TOKENS}")
+    if splits is None:  # a narrow layer at decode: also cut K, so that every SM streams some weight
+        ctas, want = row_tiles * tok_tiles, 2 * num_sms
+        splits = 1 if ctas >= want else min(-(-want // ctas), max(1, KB // GV_PHASES))
+    splits = int(max(1, min(splits, KB)))
+    name = "fp8_gemv_t8" if T <= 8 else "fp8_gemv_t16"
+    return name, (row_tiles, splits, tok_tiles), (256,), 0, splits
+
+
+def _activation_bits(x):
+    """float32 passes; bf16 (uint16 bits or ml_dtypes bfloat16) becomes uint16 bits; anything else is refused."""
+    if x.dtype.name == "bfloat16":
+        return x.view(np.uint16)
+    check(x.dtype in (np.float32, np.uint16),
+          f"x: dtype {x.dtype}, the GPU path takes float32 or bf16 (uint16 bits / bfloat16); convert it first")
+    return x
+
+
+def quantize_activations_gpu(x, *, x8=None, sx=None):
+    """Launcher for fp8_gemm.cu:quantize_act_*. x float32 or bf16 bits [T, K] -> x8 uint8 [T, KP], sx fp32 [T, KB]."""
+    import cupy as cp
+    check(is_gpu(x) and x.ndim == 2, f"x: expected a CuPy array [T, K], got {type(x).__name__} {getattr(x, 'shape', '')}")
+    x = _activation_bits(x)
+    T, K = x.shape
+    check(K >= 1, f"x: shape {x.shape}, K must be >= 1")
+    check_array(x, "x", x.dtype, shape=(T, K))
+    KB = -(-K // BLOCK)
+    if x8 is None:
+        x8 = cp.empty((T, KB * BLOCK), np.uint8)
+    if sx is None:
+        sx = cp.empty((T, KB), np.float32)
+    check_array(x8, "x8", np.uint8, shape=(T, KB * BLOCK))
+    check_array(sx, "sx", np.float32, shape=(T, KB))
+    check(x8.data.ptr % 4 == 0, "x8: must be 4-byte aligned")
+    if T == 0:
+        return x8, sx
+    vec = K % 4 == 0 and x.data.ptr % 16 == 0  # 4 channels per lane in one load
+    warps = T * KB  # one per (token, block)
+    name = "quantize_act_bf16" if x.dtype == np.uint16 else "quantize_act_f32"
+    _function(name)((-(-warps // 8),), (256,), (x, x8, sx, np.int32(T), np.int32(K), np.int32(vec)))
+    return x8, sx
+
+
+def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, splits=None):
+    """Launcher for fp8_gemm.cu's GEMM/GEMV. x8 uint8 [T, KP], sx fp32 [T, KB], w8 uint8 [N, K],
+    w_scale fp32 [ceil(N/128), KB] -> y fp32 [T, N]. path: "auto" / "wgmma" / "mma" (None: DEFAULT_PATH);
+    splits: K splits of the GEMV kernel (None: chosen to fill the GPU)."""
+    import cupy as cp
+    check_array(w8, "w8", np.uint8, ndim=2)
+    N, K, KB = _weight_dims(w8, w_scale)
+    check_array(x8, "x8", np.uint8, ndim=2)
+    T = _check_quantised(x8, sx, K, KB)
+    check_array(sx, "sx", np.float32, shape=(T, KB))
+    check_array(w_scale, "w_scale", np.float32, shape=(-(-N // BLOCK), KB))
+    check(x8.data.ptr % 16 == 0, "x8: must be 16-byte aligned (its rows are read in 16-byte pieces)")
+    if out is None:
+        out = cp.empty((T, N), np.float32)
+    check_array(out, "out", np.float32, shape=(T, N))
+    if T == 0:
+        return out
+
+    path = path or DEFAULT_PATH
+    check(path in ("auto", "wgmma", "mma"), f"fp8_gemm: path {path!r}, expected auto, wgmma or mma")
+    has_wgmma = _module()[1]
+    check(path != "wgmma" or has_wgmma, "fp8_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
+    name, grid, block, smem, nsplit = plan(T, N, K, has_wgmma and path != "mma", _num_sms(), splits)
+    vec = np.int32(K % 16 == 0 and w8.data.ptr % 16 == 0)  # else byte loads: correct, slow, never a real layer
+    if name == "fp8_gemm_wgmma":
+        _function(name)(grid, block, (x8, sx, w8, w_scale, out, np.int32(T), np.int32(N), np.int32(K), vec,
+                                      np.int32(smem)), shared_mem=smem)
+        return out
+    ws, tickets = out, _tickets(1)  # placeholders: a single split never touches them
+    if nsplit > 1:
+        ws = cp.empty((nsplit, T, N), np.float32)
+        tickets = _tickets(grid[0] * grid[2])
+    _function(name)(grid, block, (x8, sx, w8, w_scale, out, ws, tickets, np.int32(T), np.int32(N), np.int32(K), vec))
+    return out
+
+
+def fp8_linear_gpu(x, w8, w_scale, *, out=None, path=None):
+    """quantize_activations_gpu then fp8_gemm_gpu. x [..., K] float32 or bf16 -> y fp32 [..., N]."""
+    check_array(w8, "w8", np.uint8, ndim=2)
+    N, K, _ = _weight_dims(w8, w_scale)
+    check(is_gpu(x), f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
+    x2, lead = _flat_tokens(x, K)
+    if out is not None:
+        check(tuple(out.shape) == lead + (N,), f"out: shape {out.shape}, expected {lead + (N,)}")
+        out = out.reshape(-1, N)
+    x8, sx = quantize_activations_gpu(x2)
+    return fp8_gemm_gpu(x8, sx, w8, w_scale, out=out, path=path).reshape(lead + (N,))
+
+
+# --- Dispatch ---------------------------------------------------------------------------------------
+
+def quantize_activations(x):
+    """x [T, K] -> (x8 uint8 e4m3 bits [T, KP], sx fp32 [T, KB]): the kernel for CuPy x, the reference otherwise."""
+    if is_gpu(x):
+        return quantize_activations_gpu(x)
+    return quantize_activations_reference(x)
+
+
+def fp8_gemm(x8, sx, w8, w_scale, out=None):
+    """y fp32 [T, N] from quantised activations; kernel for CuPy x8, reference otherwise."""
+    if is_gpu(x8):
+        return fp8_gemm_gpu(x8, sx, w8, w_scale, out=out)
+    y = fp8_gemm_reference(x8, sx, w8, w_scale)
+    return _into(out, y)
+
+
+def fp8_linear(x, w8, w_scale, out=None):
+    """y = x W^T fp32 [..., N] for x [..., K] and the FP8 weight (w8 [N, K], w_scale [ceil(N/128), ceil(K/128)]):
+    the kernels for CuPy x, the numpy reference otherwise."""
+    if is_gpu(x):
+        return fp8_linear_gpu(x, w8, w_scale, out=out)
+    check(not is_gpu(w8), "w8: a CuPy array, but x is not: keep both on one device")
+    return _into(out, fp8_linear_reference(x, w8, w_scale))
+
+
+def _into(out, y):
+    if out is None:
+        return y
+    check(out.shape == y.shape and out.dtype == np.float32,
+          f"out: shape {out.shape} dtype {out.dtype}, expected {y.shape} float32")
+    out[...] = y
+    return out

@@ -1,0 +1,356 @@
+"""FP8 block-scaled linear layer: the reference against an independent computation (CPU), the kernels
+against the reference (GPU)."""
+import os
+import shutil
+import subprocess
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kernels._cuda import HAVE_GPU, KERNEL_DIR
+from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
+from kernels.fp8_gemm import (DECODE_T, GM_SMEM, fp8_gemm_reference, fp8_linear, fp8_linear_reference, plan,
+                              quantize_activations, quantize_activations_reference)
+
+gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: fp8 GEMM kernel parity runs on the GPU machine")
+
+# (N, K) of DeepSeek-V3.2 linears: q_a_proj, q_b_proj, o_proj of a 2048-wide expert (down_proj), kv_a_proj_with_mqa,
+# an expert's gate/up projection.
+RELEASED = [(1536, 7168), (24576, 1536), (7168, 2048), (576, 7168), (2048, 7168)]
+
+
+def random_weight(xp, rng, N, K):
+    """A realistic FP8 weight: normal values, one scale per 128 x 128 block = the block's amax / 448 (not a
+    power of two, as in the checkpoints). Works with numpy or CuPy (rng from that module)."""
+    w = rng.standard_normal((N, K), dtype=np.float32) * np.float32(0.02)
+    NB, KB = -(-N // 128), -(-K // 128)
+    pad = xp.zeros((NB * 128, KB * 128), np.float32)
+    pad[:N, :K] = w
+    blocks = pad.reshape(NB, 128, KB, 128)
+    scale = (xp.maximum(xp.abs(blocks).max(axis=(1, 3)), np.float32(1e-12)) / np.float32(E4M3_MAX)).astype(np.float32)
+    w8 = e4m3_encode(e4m3_round(blocks / scale[:, None, :, None])).reshape(NB * 128, KB * 128)[:N, :K]
+    return xp.ascontiguousarray(w8), scale
+
+
+def random_activations(rng, T, K, xp=np):
+    """Activations with a realistic spread: a few large channels, and tokens of different sizes."""
+    x = rng.standard_normal((T, K), dtype=np.float32)
+    x *= xp.exp(rng.standard_normal((1, K), dtype=np.float32))  # channel outliers
+    x *= xp.exp(rng.standard_normal((T, 1), dtype=np.float32))
+    return x
+
+
+def magnitude(x8, sx, w8, w_scale):
+    """mag[t, n] = sum_k |x[t, k] W[n, k]| of the quantised operands (sign bits cleared): every summation
+    order's rounding error is bounded by a multiple of it."""
+    return fp8_gemm_reference(x8 & np.uint8(0x7F), sx, w8 & np.uint8(0x7F), w_scale).astype(np.float64)
+
+
+def assert_close(got, want, mag, mtol, what):
+    """|got - want| <= mtol * mag (+ a denormal floor); the message names the worst entry."""
+    got, want, mag = (np.asarray(a, np.float64) for a in (got, want, mag))
+    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
+    assert np.isfinite(got).all(), f"{what}: non-finite at {np.argwhere(~np.isfinite(got))[:5].tolist()}"
+    err = np.abs(got - want)
+    ratio = err / (mag + 1e-30)
+    i = np.unravel_index(np.argmax(ratio), ratio.shape)
+    rel = err / (np.abs(want) + 1e-30)
+    msg = (f"{what}: max-abs {err.max():.3e}, max-rel {rel.max():.3e}, worst {ratio[i]:.3e} of mag at (t, n) = "
+           f"{tuple(int(v) for v in i)}: got {got[i]:.7g}, want {want[i]:.7g}, mag {mag[i]:.3g}")
+    print(msg)
+    assert (err <= mtol * mag + 1e-30).all(), msg
+
+
+# --- CPU: quantisation by hand -------------------------------------------------------------------------
+
+def test_quantize_hand_values():
+    x = np.zeros((2, 300), np.float32)
+    x[0, :3] = [1.0, -2.0, 0.5]           # amax 2: s = 2^ceil(log2(2/448)) = 2^-7
+    x[0, 128:131] = [448.0, 3.3, 3.375]   # amax 448: s = 1 exactly; 3.3 -> 3.25, 3.375 ties to even -> 3.5
+    x[1, 256] = -1e-6                     # amax floored at 1e-4: s = 2^-22; -1e-6 / s = -4.19 -> -4
+    x8, sx = quantize_activations(x)
+    assert x8.dtype == np.uint8 and x8.shape == (2, 384) and sx.dtype == np.float32 and sx.shape == (2, 3)
+    assert sx[0].tolist() == [2.0**-7, 1.0, 2.0**-22]          # an all-zero block gets the floor's scale
+    assert sx[1].tolist() == [2.0**-22, 2.0**-22, 2.0**-22]
+    assert x8[0, :3].tolist() == [0x70, 0xF8, 0x68]             # 128 = 2^7, -256 = -2^8, 64 = 2^6
+    assert x8[0, 128:131].tolist() == [0x7E, 0x45, 0x46]        # 448, 3.25 = 1.625 * 2, 3.5 = 1.75 * 2
+    assert x8[1, 256] == 0xC8                                   # -4 = -1.0 * 2^2
+    values = e4m3_decode(x8)
+    assert (values[:, 300:] == 0).all()                         # padding past K is zero
+    assert (np.abs(values) <= E4M3_MAX).all()
+
+
+def test_quantize_bf16_bits_equal_float_input():
+    rng = np.random.default_rng(0)
+    xb = random_activations(rng, 5, 260).astype(ml_dtypes.bfloat16)
+    a8, asx = quantize_activations_reference(xb.view(np.uint16))
+    b8, bsx = quantize_activations_reference(xb.astype(np.float32))
+    c8, csx = quantize_activations_reference(xb)
+    assert np.array_equal(a8, b8) and np.array_equal(asx, bsx)
+    assert np.array_equal(a8, c8) and np.array_equal(asx, csx)
+
+
+def test_quantize_roundtrip_error_within_half_an_e4m3_step():
+    rng = np.random.default_rng(1)
+    x = random_activations(rng, 9, 1000)
+    x8, sx = quantize_activations(x)
+    back = (e4m3_decode(x8).reshape(9, -1, 128) * sx[..., None]).reshape(9, -1)[:, :1000]
+    amax = np.repeat(sx * E4M3_MAX, 128, axis=1)[:, :1000]
+    # 3 mantissa bits: relative error <= 2^-4 for normals; subnormals round to 2^-10 * s steps
+    assert (np.abs(back - x) <= np.maximum(np.abs(x) * 2.0**-4, amax / E4M3_MAX * 2.0**-10) * 1.0001).all()
+    assert (sx == 2.0 ** np.round(np.log2(sx))).all()
+
+
+# --- CPU: the reference ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,N,K", [(1, 8, 16), (3, 256, 384), (5, 200, 300), (4, 129, 130), (2, 1, 1)])
+def test_reference_equals_dequantise_then_matmul(T, N, K):
+    """y = (x8 * sx) @ (w8 * w_scale)^T, the dequantised operands multiplied in float64."""
+    rng = np.random.default_rng(T * 1000 + N)
+    w8, ws = random_weight(np, rng, N, K)
+    x8, sx = quantize_activations(random_activations(rng, T, K))
+    got = fp8_gemm_reference(x8, sx, w8, ws)
+    assert got.dtype == np.float32 and got.shape == (T, N)
+    xd = (e4m3_decode(x8).astype(np.float64).reshape(T, -1, 128) * sx[..., None]).reshape(T, -1)[:, :K]
+    wd = dequant_weight_reference(w8, ws).astype(np.float64)  # fp32 products: rounded once each
+    want = xd @ wd.T
+    assert_close(got, want, np.abs(xd) @ np.abs(wd).T, 1e-6, f"reference T={T} N={N} K={K}")
+
+
+def test_linear_close_to_unquantised_product():
+    """End to end, fp8 activations move y by at most the e4m3 rounding of x: 2^-4 of the magnitude."""
+    rng = np.random.default_rng(2)
+    T, N, K = 6, 300, 520
+    w8, ws = random_weight(np, rng, N, K)
+    x = random_activations(rng, T, K)
+    wd = dequant_weight_reference(w8, ws).astype(np.float64)
+    y = fp8_linear(x, w8, ws)
+    want = x.astype(np.float64) @ wd.T
+    mag = np.abs(x).astype(np.float64) @ np.abs(wd).T
+    assert (np.abs(y - want) <= 2.0**-4 * mag).all()
+    assert np.median(np.abs(y - want) / np.abs(want)) < 0.05  # and typically far closer
+
+
+def test_linear_leading_dims_and_out():
+    rng = np.random.default_rng(3)
+    w8, ws = random_weight(np, rng, 40, 200)
+    x = random_activations(rng, 6, 200).reshape(2, 3, 200)
+    y = fp8_linear(x, w8, ws)
+    assert y.shape == (2, 3, 40) and isinstance(y, np.ndarray)
+    assert np.array_equal(y.reshape(6, 40), fp8_linear_reference(x.reshape(6, 200), w8, ws))
+    out = np.empty((2, 3, 40), np.float32)
+    assert fp8_linear(x, w8, ws, out=out) is out and np.array_equal(out, y)
+
+
+def test_bad_inputs_name_the_tensor():
+    rng = np.random.default_rng(4)
+    w8, ws = random_weight(np, rng, 200, 300)
+    x = random_activations(rng, 3, 300)
+    x8, sx = quantize_activations(x)
+    with pytest.raises(ValueError, match=r"w8: dtype float32, expected uint8"):
+        fp8_linear(x, w8.astype(np.float32), ws)
+    with pytest.raises(ValueError, match=r"w8: expected a 2-D"):
+        fp8_linear(x, w8.reshape(-1), ws)
+    with pytest.raises(ValueError, match=r"w_scale: shape \(2, 2\), expected \(2, 3\)"):
+        fp8_linear(x, w8, ws[:, :2])
+    with pytest.raises(ValueError, match=r"x: shape \(3, 299\), its last dim should be K = 300"):
+        fp8_linear(x[:, :299], w8, ws)
+    with pytest.raises(ValueError, match=r"x8: shape \(3, 300\), expected 384 columns"):
+        fp8_gemm_reference(x8[:, :300], sx, w8, ws)
+    with pytest.raises(ValueError, match=r"sx: shape \(3, 2\), expected \(3, 3\)"):
+        fp8_gemm_reference(x8, sx[:, :2], w8, ws)
+    with pytest.raises(ValueError, match=r"out: shape \(3, 7\)"):
+        fp8_linear(x, w8, ws, out=np.empty((3, 7), np.float32))
+    with pytest.raises(ValueError, match=r"x: dtype int32"):
+        quantize_activations(np.ones((2, 4), np.int32))
+
+
+# --- CPU: launch plans and the kernel source --------------------------------------------------------------
+
+@pytest.mark.parametrize("wgmma", [False, True])
+def test_plans(wgmma):
+    for T in (1, 7, 8, 9, 16, 17, 128, 1000, 4096):
+        for N, K in RELEASED + [(200, 300), (1, 1), (18432, 7168)]:
+            name, grid, block, smem, splits = plan(T, N, K, wgmma)
+            KB = -(-K // 128)
+            assert all(1 <= g <= 65535 for g in grid[1:]) and 1 <= grid[0] < 2**31, (name, grid)
+            assert 1 <= splits <= KB and block == (256,)
+            if wgmma and T > DECODE_T:
+                assert name == "fp8_gemm_wgmma" and smem == GM_SMEM <= 227 * 1024
+                assert grid == (-(-N // 128) * -(-T // 128), 1, 1)
+            else:
+                assert name == ("fp8_gemv_t8" if T <= 8 else "fp8_gemv_t16") and smem == 0
+                assert grid[0] * 64 >= N and grid[1] == splits and grid[2] * 16 >= T
+    # a narrow layer at decode is cut along K to reach every SM; a wide one is not
+    assert plan(1, 576, 7168, False)[4] > 1 and plan(1, 24576, 1536, False)[4] == 1
+    assert plan(1, 576, 7168, False, splits=5)[4] == 5 and plan(1, 200, 300, False, splits=9)[4] == 3
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+def test_kernel_compiles_without_spills(arch, tmp_path):
+    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-o", str(tmp_path / "fp8_gemm.cubin"),
+           os.path.join(KERNEL_DIR, "fp8_gemm.cu")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr.lower(), res.stderr
+    spills = [line for line in res.stderr.splitlines()
+              if "spill" in line and "0 bytes spill stores, 0 bytes spill loads" not in line]
+    assert not spills, "\n".join(spills)
+
+
+# --- GPU: the kernels against the reference -----------------------------------------------------------------
+
+# |error| <= MTOL * mag (see magnitude()). The GEMV (mma.sync on exactly converted f16 values) sums exact products
+# in fp32: per block 8 k16 steps + the promotion, (K/16 + K/128) * 2^-24 * mag at worst, 2.5e-6 at K = 7168.
+# Hopper's fp8 wgmma keeps only ~13 bits of the running sum while it accumulates: within one 128-wide block the
+# four chained k32 instructions can each lose up to 2^-13 of the block's magnitude (4 * 1.2e-4 = 4.9e-4), and the
+# promotion to fp32 after every block stops it from growing further. Measured on an H200 (2026-11-28): at most
+# 2.65e-4 of mag over the shapes below, so 5e-4. A real bug (wrong block, scale or row) is off by a fraction of
+# |y| ~ mag / sqrt(K), i.e. >= 1e-2 * mag at these K.
+MTOL = {"mma": 2e-5, "wgmma": 5e-4}
+
+
+def gpu_paths():
+    if not HAVE_GPU:
+        return ["mma", "wgmma"]
+    import cupy as cp
+    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability == "90" else ["mma"]
+
+
+def gpu_case(T, N, K, seed, bf16=False):
+    """GPU operands and the reference computed from them (the reference runs on CuPy: float64 cuBLAS)."""
+    import cupy as cp
+    rng = cp.random.default_rng(seed)
+    w8, ws = random_weight(cp, rng, N, K)
+    x = random_activations(rng, T, K, cp)
+    if bf16:
+        u = x.view(np.uint32)
+        x = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    x8, sx = quantize_activations_reference(x)
+    return x, w8, ws, x8, sx, fp8_gemm_reference(x8, sx, w8, ws), magnitude(x8, sx, w8, ws)
+
+
+def run_gemm(T, N, K, path, seed=0, splits=None):
+    import cupy as cp
+    from kernels.fp8_gemm import fp8_gemm_gpu
+    _, w8, ws, x8, sx, ref, mag = gpu_case(T, N, K, seed)
+    out = cp.full((T, N), np.nan, np.float32)  # poison: every element must be written
+    got = fp8_gemm_gpu(x8, sx, w8, ws, out=out, path=path, splits=splits)
+    assert got is out
+    assert_close(cp.asnumpy(got), cp.asnumpy(ref), cp.asnumpy(mag), MTOL[path if T > DECODE_T else "mma"],
+                 f"{path} T={T} N={N} K={K} splits={splits}")
+    return got
+
+
+@gpu
+@pytest.mark.parametrize("N,K", RELEASED)
+@pytest.mark.parametrize("T", [1, 7, 16])
+def test_decode_released_shapes(T, N, K):
+    run_gemm(T, N, K, "auto", seed=T)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("N,K", RELEASED)
+@pytest.mark.parametrize("T", [128, 1000])
+def test_prefill_released_shapes(T, N, K, path):
+    if path == "mma" and T == 1000 and N * K > 2048 * 7168:
+        pytest.skip("the mma.sync fallback re-streams the weight per 16 tokens: covered at T = 128")
+    run_gemm(T, N, K, path, seed=T + N)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("T", [1, 5, 9, 16, 17, 130])
+@pytest.mark.parametrize("N,K", [(200, 300), (200, 304), (1, 1), (129, 130), (64, 2048)])
+def test_ragged_shapes(N, K, T, path):
+    """K not a multiple of 128 (304: 16-byte loads, ragged last block; 300, 130, 1: byte loads), N not of 128."""
+    run_gemm(T, N, K, path, seed=N + K + T)
+
+
+@gpu
+@pytest.mark.parametrize("splits", [1, 2, 3, 14, 56])
+def test_decode_split_k(splits):
+    """The split-K reduction (last CTA adds the partials in order) at every split count, and bit-identical
+    when repeated: the tickets were reset and the order does not depend on timing."""
+    a = run_gemm(3, 576, 7168, "mma", seed=5, splits=splits)
+    b = run_gemm(3, 576, 7168, "mma", seed=5, splits=splits)
+    import cupy as cp
+    assert cp.array_equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+def test_repeated_runs_bit_identical(path):
+    import cupy as cp
+    from kernels.fp8_gemm import fp8_gemm_gpu
+    _, w8, ws, x8, sx, _, _ = gpu_case(700, 2048, 7168, 6)
+    first = fp8_gemm_gpu(x8, sx, w8, ws, path=path)
+    for _ in range(3):
+        assert cp.array_equal(fp8_gemm_gpu(x8, sx, w8, ws, path=path), first)
+
+
+@gpu
+def test_unaligned_weight_base_uses_byte_loads():
+    """A weight view that starts off a 16-byte boundary (K % 16 == 0 but the base is not) must still work."""
+    import cupy as cp
+    from kernels.fp8_gemm import fp8_gemm_gpu
+    _, w8, ws, x8, sx, ref, mag = gpu_case(20, 130, 256, 7)
+    buf = cp.zeros(w8.size + 1, np.uint8)
+    shifted = buf[1:].reshape(w8.shape)
+    shifted[...] = w8
+    for path in gpu_paths():
+        for T in (3, 20):
+            got = fp8_gemm_gpu(x8[:T], sx[:T], shifted, ws, path=path)
+            assert_close(cp.asnumpy(got), cp.asnumpy(ref[:T]), cp.asnumpy(mag[:T]), MTOL["wgmma"], f"shifted {path} T={T}")
+
+
+@gpu
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("T,K", [(1, 7168), (37, 1536), (300, 301), (4, 130), (1000, 2048)])
+def test_quantize_kernel_matches_reference(T, K, bf16):
+    """Same scales bit for bit, same e4m3 values (+0 and -0 may differ in the sign bit)."""
+    import cupy as cp
+    from kernels.fp8_gemm import quantize_activations_gpu
+    x, *_ = gpu_case(T, 8, K, T + K, bf16=bf16)
+    want8, wantsx = quantize_activations_reference(x)
+    x8 = cp.full((T, want8.shape[1]), 0x7F, np.uint8)  # poison, NaN code
+    got8, gotsx = quantize_activations_gpu(x, x8=x8)
+    assert cp.array_equal(gotsx, wantsx), f"sx differs at {cp.argwhere(gotsx != wantsx)[:5].tolist()}"
+    diff = e4m3_decode(got8) != e4m3_decode(want8)
+    assert not diff.any(), f"x8 differs at {cp.argwhere(diff)[:5].tolist()}"
+
+
+@gpu
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("T", [1, 200])
+def test_linear_dispatch_end_to_end(T, bf16):
+    import cupy as cp
+    x, w8, ws, x8, sx, ref, mag = gpu_case(T, 1536, 7168, 9, bf16=bf16)
+    y = fp8_linear(x, w8, ws)
+    assert isinstance(y, cp.ndarray) and y.shape == (T, 1536) and y.dtype == np.float32
+    assert_close(cp.asnumpy(y), cp.asnumpy(ref), cp.asnumpy(mag), MTOL["wgmma"], f"fp8_linear T={T} bf16={bf16}")
+    # leading dims
+    y3 = fp8_linear(x.reshape(1, T, 7168), w8, ws)
+    assert y3.shape == (1, T, 1536) and cp.array_equal(y3[0], y)
+
+
+@gpu
+def test_gpu_bad_inputs():
+    import cupy as cp
+    from kernels.fp8_gemm import fp8_gemm_gpu
+    x, w8, ws, x8, sx, _, _ = gpu_case(4, 200, 300, 10)
+    with pytest.raises(ValueError, match="x: dtype float64"):
+        fp8_linear(x.astype(np.float64), w8, ws)
+    with pytest.raises(ValueError, match="w8: expected a CuPy array"):
+        fp8_linear(x, cp.asnumpy(w8), cp.asnumpy(ws))
+    with pytest.raises(ValueError, match="w_scale: dtype float64"):
+        fp8_linear(x, w8, ws.astype(np.float64))
+    with pytest.raises(ValueError, match="sx: must be C-contiguous"):
+        fp8_gemm_gpu(x8, cp.asfortranarray(sx), w8, ws)  # sx is [4, 3]
+    with pytest.raises(ValueError, match="out: shape"):
+        fp8_gemm_gpu(x8, sx, w8, ws, out=cp.empty((4, 199), np.float32))
+    with pytest.raises(ValueError, match="path 'fast'"):
+        fp8_gemm_gpu(x8, sx, w8, ws, path="fast")
