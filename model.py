@@ -8,7 +8,11 @@ Shape letters, used in the trailing comments:
   H  attention heads                 C  kv_lora_rank (the latent)      Q  q_lora_rank
   N  qk_nope_head_dim                R  qk_rope_head_dim               Dv v_head_dim
   Hi index_n_heads                   Di index_head_dim                 K  index_topk
-  E  routed experts                  F  an MLP's inner width
+  E  routed experts                  F  an MLP's inner width           F' F padded to whole scale blocks
+
+Weights (weights/loader.py): linear layers hold fp32 arrays dequantised at load ("dequant"), or FP8Weights,
+the checkpoint's e4m3 bits and block scales ("fp8"). With several GPUs each layer lives on one of them
+and the hidden state follows the layers from GPU to GPU.
 """
 import argparse
 import dataclasses
@@ -20,13 +24,14 @@ import time
 import numpy as np
 
 import hisa
-from kernels._cuda import HAVE_GPU, xp_of
-from kernels.fp8 import dequant_weight, e4m3_encode, fp8_roundtrip, quantize_ue8m0
+from kernels._cuda import HAVE_GPU, device_of, on_device, to_device, xp_of
+from kernels.fp8 import e4m3_encode, fp8_roundtrip, quantize_ue8m0
+from kernels.fp8_gemm import fp8_linear
 from kernels.indexer import index_scores
 from kernels.sparse_mla import sparse_mla
 from kernels.topk import topk
 from weights.checkpoint import Checkpoint
-from weights.random_checkpoint import tensor_shapes
+from weights.loader import MODES as WEIGHT_MODES, load_params
 from weights.safetensors import CheckpointError
 
 INDEXERS = ("dense", "dsa", "hisa", "block")
@@ -192,8 +197,35 @@ def bf16_bits(x):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+class FP8Weight:
+    """A linear weight as the checkpoint stores it (SPEC §2): e4m3 bits [..., out, in] (uint8) and fp32
+    scale_inv [..., ceil(out/128), ceil(in/128)], W[i, j] = e4m3(bits[i, j]) * scale_inv[i // 128, j // 128].
+    Stacked experts carry a leading axis E; w[e] is expert e's weight."""
+
+    def __init__(self, bits, scale):
+        self.bits, self.scale = bits, scale
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+    def __getitem__(self, e):
+        return FP8Weight(self.bits[e], self.scale[e])
+
+
+def weight(p, name):
+    """The linear weight `name` of a layer's params: an FP8Weight where the loader kept the e4m3 bits and
+    their scales (weight mode "fp8"), else the fp32 array."""
+    scale = p.get(name + ".weight_scale_inv")
+    return p[name + ".weight"] if scale is None else FP8Weight(p[name + ".weight"], scale)
+
+
 def linear(x, w):
-    return x @ w.T  # w is [out, in], as stored
+    """y = x W^T, w [out, in] as stored. An FP8Weight's product quantises x to e4m3 too, per token and
+    block of 128 channels with power-of-two scales (kernels/fp8_gemm.py), and returns fp32."""
+    if isinstance(w, FP8Weight):
+        return fp8_linear(xp_of(x).ascontiguousarray(x, dtype=np.float32), w.bits, w.scale)
+    return x @ w.T
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,10 +242,10 @@ class Indexer:
 
     def __init__(self, cfg, p, precision):
         self.cfg, self.precision = cfg, precision
-        self.wq_b, self.wk = p["wq_b.weight"], p["wk.weight"]                 # (Hi*Di, Q), (Di, D)
+        self.wq_b, self.wk = weight(p, "wq_b"), weight(p, "wk")               # (Hi*Di, Q), (Di, D)
         self.k_norm_w, self.k_norm_b = p["k_norm.weight"], p["k_norm.bias"]  # (Di,)
         self.weights_proj = p["weights_proj.weight"]                         # (Hi, D)
-        xp = xp_of(self.wk)
+        xp = xp_of(self.weights_proj)
         self.hadamard = xp.asarray(hadamard(cfg.index_head_dim))
 
     def new_cache(self, xp, capacity):
@@ -265,12 +297,12 @@ class Indexer:
 class MLA:
     def __init__(self, cfg, p, precision):
         self.cfg, self.precision = cfg, precision
-        self.q_a_proj, self.q_a_layernorm = p["q_a_proj.weight"], p["q_a_layernorm.weight"]
-        self.q_b_proj = p["q_b_proj.weight"]                                     # (H*(N+R), Q)
-        self.kv_a_proj = p["kv_a_proj_with_mqa.weight"]                          # (C+R, D)
+        self.q_a_proj, self.q_a_layernorm = weight(p, "q_a_proj"), p["q_a_layernorm.weight"]
+        self.q_b_proj = weight(p, "q_b_proj")                                    # (H*(N+R), Q)
+        self.kv_a_proj = weight(p, "kv_a_proj_with_mqa")                         # (C+R, D)
         self.kv_a_layernorm = p["kv_a_layernorm.weight"]
-        self.kv_b_proj = p["kv_b_proj.weight"]                                   # (H*(N+Dv), C)
-        self.o_proj = p["o_proj.weight"]                                         # (D, H*Dv)
+        self.kv_b_proj = p["kv_b_proj.weight"]  # (H*(N+Dv), C) fp32 in every weight mode: split per head below
+        self.o_proj = weight(p, "o_proj")                                        # (D, H*Dv)
         H, N, Dv, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         w = self.kv_b_proj.reshape(H, N + Dv, C)
         self.w_uk, self.w_uv = w[:, :N], w[:, N:]                                 # (H, N, C), (H, Dv, C)
@@ -357,12 +389,32 @@ def selection_mask(selected, S):
 # ----------------------------------------------------------------------------------------------------
 # Feed-forward: SwiGLU MLP and the DeepSeekMoE layer (SPEC §3, §7)
 
+def swiglu(h, F):
+    """silu(gate) * up from a fused gate_up product h [T, 2F']: gate is h[:, :F], up starts at F'."""
+    half = h.shape[-1] // 2
+    return silu(h[:, :F]) * h[:, half:half + F]                                      # (T, F)
+
+
 class MLP:
+    """down(silu(gate(x)) * up(x)), gate and up in one product: gate_up is their weights stacked row-wise,
+    [2F', D] (weights/loader.py)."""
+
     def __init__(self, p):
-        self.gate_proj, self.up_proj, self.down_proj = p["gate_proj.weight"], p["up_proj.weight"], p["down_proj.weight"]
+        self.gate_up, self.down = weight(p, "gate_up_proj"), weight(p, "down_proj")  # (2F', D), (D, F)
 
     def __call__(self, x):
-        return linear(silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)  # (T, D)
+        return linear(swiglu(linear(x, self.gate_up), self.down.shape[-1]), self.down)  # (T, D)
+
+
+def grouped_linear(x, w, groups):
+    """y[lo:hi] = x[lo:hi] @ w[e]^T for each group (e, lo, hi): x's rows sorted by expert, w stacked [E, N, K].
+
+    One product per expert that received tokens. This is the grouped GEMM's contract: a kernel taking the
+    stacked weights and the group offsets could run every expert in one launch instead."""
+    y = xp_of(x).empty((x.shape[0], w.shape[-2]), np.float32)                        # (rows, N)
+    for e, lo, hi in groups:
+        y[lo:hi] = linear(x[lo:hi], w[e])
+    return y
 
 
 class MoE:
@@ -370,8 +422,8 @@ class MoE:
         self.cfg = cfg
         self.gate = p["gate.weight"]                                              # (E, D)
         self.bias = p["gate.e_score_correction_bias"]                             # (E,)
-        self.experts = [MLP({k.split(".", 2)[2]: v for k, v in p.items() if k.startswith(f"experts.{e}.")})
-                        for e in range(cfg.n_routed_experts)]
+        self.gate_up = weight(p, "experts.gate_up_proj")                          # (E, 2F', D)
+        self.down = weight(p, "experts.down_proj")                                # (E, D, F)
         self.shared = MLP({k[len("shared_experts."):]: v for k, v in p.items() if k.startswith("shared_experts.")})
 
     def route(self, x):
@@ -395,21 +447,20 @@ class MoE:
 
     def __call__(self, x):
         xp = xp_of(x)
-        experts, weights = self.route(x)
-        y = self.shared(x)
-        # tokens grouped by expert: one product per expert that has tokens
-        flat = experts.reshape(-1)
-        order = xp.argsort(flat, kind="stable")
-        counts = np.bincount(xp_to_numpy(flat), minlength=self.cfg.n_routed_experts)
-        k = experts.shape[1]
-        first = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = order[first:first + n]
-                t = rows // k
-                y[t] += weights.reshape(-1)[rows, None] * self.experts[e](x[t])
-                first += n
-        return y
+        experts, weights = self.route(x)                                          # (T, k), (T, k)
+        T, k = experts.shape
+        # the T*k (token, expert) pairs sorted by expert: each expert's tokens become one contiguous group
+        order = xp.argsort(experts.reshape(-1), kind="stable")                    # (T*k,)
+        counts = np.bincount(xp_to_numpy(experts).reshape(-1), minlength=self.cfg.n_routed_experts)
+        ends = np.cumsum(counts)
+        groups = [(e, int(ends[e] - counts[e]), int(ends[e])) for e in np.flatnonzero(counts)]
+        xs = x[order // k]                                                        # (T*k, D) tokens gathered once
+        h = grouped_linear(xs, self.gate_up, groups)                              # (T*k, 2F')
+        out = grouped_linear(swiglu(h, self.down.shape[-1]), self.down, groups)   # (T*k, D)
+        out *= weights.reshape(-1)[order][:, None]
+        routed = xp.empty_like(out)
+        routed[order] = out                                                       # back to (token, slot) order
+        return self.shared(x) + routed.reshape(T, k, -1).sum(1)                   # (T, D)
 
 
 def xp_to_numpy(a):
@@ -422,6 +473,7 @@ def xp_to_numpy(a):
 class Block:
     def __init__(self, cfg, i, p, precision):
         self.input_layernorm, self.post_attention_layernorm = p["input_layernorm.weight"], p["post_attention_layernorm.weight"]
+        self.device = device_of(self.input_layernorm)  # the GPU holding this layer's weights and cache (None: CPU)
         self.self_attn = MLA(cfg, {k[10:]: v for k, v in p.items() if k.startswith("self_attn.")}, precision)
         mlp = {k[4:]: v for k, v in p.items() if k.startswith("mlp.")}
         self.mlp = MLP(mlp) if i < cfg.first_k_dense_replace else MoE(cfg, mlp)
@@ -469,15 +521,20 @@ class Transformer:
         if precision not in ("fp8", "float"):
             raise InputError(f"indexer precision {precision!r} is not fp8 or float")
         self.cfg, self.precision = cfg, precision
+        self.weights = "fp8" if any(k.endswith("_scale_inv") for k in params) else "dequant"
         self.embed_tokens = params["model.embed_tokens.weight"]                  # (V, D)
         self.norm, self.lm_head = params["model.norm.weight"], params["lm_head.weight"]
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             pre = f"model.layers.{i}."
-            self.layers.append(Block(cfg, i, {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}, precision))
-        xp = xp_of(self.embed_tokens)
+            p = {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
+            with on_device(device_of(p["input_layernorm.weight"])):  # where its small arrays are made too
+                self.layers.append(Block(cfg, i, p, precision))
         angles = np.arange(cfg.max_position_embeddings)[:, None] * rope_frequencies(cfg)[None, :]
-        self.cos, self.sin = xp.asarray(np.cos(angles), np.float32), xp.asarray(np.sin(angles), np.float32)
+        self.rope = {}  # device -> (cos, sin) (max positions, R/2), a copy on every GPU that holds layers
+        for device in {layer.device for layer in self.layers}:
+            with on_device(device):
+                self.rope[device] = self.xp.asarray(np.cos(angles), np.float32), self.xp.asarray(np.sin(angles), np.float32)
 
     @property
     def xp(self):
@@ -486,26 +543,36 @@ class Transformer:
     def new_cache(self, capacity):
         if capacity > self.cfg.max_position_embeddings:
             raise InputError(f"cache of {capacity} tokens exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
-        return Cache([layer.self_attn.new_cache(self.xp, capacity) for layer in self.layers], capacity)
+        layers = []
+        for layer in self.layers:  # each layer's cache beside its weights
+            with on_device(layer.device):
+                layers.append(layer.self_attn.new_cache(self.xp, capacity))
+        return Cache(layers, capacity)
 
     def forward(self, ids, cache, selector, form="auto", all_logits=False):
         """Run tokens ids (T,) at positions cache.length .. +T; returns logits (T, V) or (1, V)."""
         xp, T, start = self.xp, len(ids), cache.length
         if start + T > cache.capacity:
             raise InputError(f"{start + T} tokens exceed the cache capacity {cache.capacity}")
-        h = self.embed_tokens[xp.asarray(ids)].astype(np.float32)                # (T, D)
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        with on_device(device_of(self.embed_tokens)):
+            h = self.embed_tokens[xp.asarray(ids)].astype(np.float32)            # (T, D)
         for layer, lc in zip(self.layers, cache.layers):
-            h = layer(h, cos, sin, lc, start, selector, form)
+            with on_device(layer.device):
+                h = to_device(h, layer.device)  # the hidden state follows the layers from GPU to GPU
+                cos, sin = (a[start:start + T] for a in self.rope[layer.device])
+                h = layer(h, cos, sin, lc, start, selector, form)
         cache.length += T
         if not all_logits:
             h = h[-1:]
-        return linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)  # (T, V)
+        with on_device(device_of(self.lm_head)):
+            h = to_device(h, device_of(self.lm_head))
+            return linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)  # (T, V)
 
     def prefill(self, ids, cache, selector, chunk=512, form="auto", all_logits=False):
         """Prefill in chunks of `chunk` tokens, each attending to the cache so far."""
         out = [self.forward(ids[i:i + chunk], cache, selector, form, all_logits) for i in range(0, len(ids), chunk)]
-        return self.xp.concatenate(out) if all_logits else out[-1]
+        with on_device(device_of(self.lm_head)):
+            return self.xp.concatenate(out) if all_logits else out[-1]
 
 
 class Cache:
@@ -518,41 +585,21 @@ class Cache:
 # ----------------------------------------------------------------------------------------------------
 # Loading a checkpoint folder (SPEC §2)
 
-def load(folder, device="auto", precision="fp8", progress=True):
-    """Open a checkpoint folder, validate every tensor against the config, dequantise FP8 weights."""
-    from tqdm import tqdm
+def load(folder, device="auto", precision="fp8", progress=True, weights="auto", gpus=None):
+    """Open a checkpoint folder, validate every tensor against the config and load the weights
+    (weights/loader.py): fp32 ("dequant") or FP8 as stored ("fp8"), on the CPU or placed over the first
+    `gpus` GPUs (default all). "auto" keeps FP8 only where fp32 would not fit. Returns (cfg, model, ckpt);
+    model.weights says which mode was used."""
+    if weights not in WEIGHT_MODES:
+        raise InputError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_MODES)}")
+    if gpus is not None and gpus < 1:
+        raise InputError(f"--gpus {gpus}: at least 1")
     ckpt = Checkpoint(folder)
     cfg = Config.from_dict(ckpt.config, where=os.path.join(folder, "config.json"))
     xp = select_device(device)
-    expected = tensor_shapes(ckpt.config)  # name -> (shape, kind) of the released layout
-    names = set(ckpt.names())
-    mtp = {n for n in names if n.startswith("model.layers.") and int(n.split(".")[2]) >= cfg.num_hidden_layers}
-    missing = sorted(set(expected) - names)
-    extra = sorted(names - set(expected) - mtp)
-    if missing:
-        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
-    if extra:
-        raise CheckpointError(f"{folder}: {len(extra)} unexpected tensor(s), first {extra[0]!r}")
-    params = {}
-    for name, (shape, kind) in tqdm(sorted(expected.items()), desc=f"loading {os.path.basename(os.path.normpath(folder))}",
-                                    disable=not progress, unit="tensor", leave=False):
-        if name.endswith(".weight_scale_inv"):
-            continue
-        dtype, got = ckpt.info(name)
-        if tuple(got) != tuple(shape):
-            raise CheckpointError(f"{folder}: tensor {name!r} has shape {list(got)}, the config implies {list(shape)}")
-        if kind == "fp8" and dtype == "F8_E4M3":
-            sname = name[: -len("weight")] + "weight_scale_inv"
-            sdtype, sshape = ckpt.info(sname)
-            want = (-(-shape[0] // 128), -(-shape[1] // 128))
-            if tuple(sshape) != want:
-                raise CheckpointError(f"{folder}: tensor {sname!r} has shape {list(sshape)}, expected {list(want)}")
-            w = dequant_weight(xp.asarray(ckpt.get(name)), xp.asarray(ckpt.get(sname), np.float32))
-        elif dtype in ("F32", "BF16", "F16", "F64"):
-            w = xp.asarray(np.asarray(ckpt.get(name), np.float32))
-        else:
-            raise CheckpointError(f"{folder}: tensor {name!r} has dtype {dtype}, expected a float or F8_E4M3")
-        params[name] = w
+    if xp is not np and gpus is not None and gpus > xp.cuda.runtime.getDeviceCount():
+        raise InputError(f"--gpus {gpus}: {xp.cuda.runtime.getDeviceCount()} GPU(s) are visible")
+    params, _ = load_params(ckpt, cfg, folder, xp, weights, gpus, progress)
     return cfg, Transformer(cfg, params, precision), ckpt
 
 
@@ -637,6 +684,9 @@ def main(argv=None):
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the V3.2 chat encoding")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+    ap.add_argument("--weights", default="auto", choices=WEIGHT_MODES,
+                    help="linear weights kept FP8 as stored, or dequantised to fp32 at load; auto: fp8 only if fp32 does not fit")
+    ap.add_argument("--gpus", type=int, default=None, help="spread the layers over the first N GPUs (default: all visible)")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -657,7 +707,7 @@ def run(args):
         raise InputError(f"--chunk {args.chunk}: at least 1")
     if not args.prompt:
         raise InputError("the prompt is empty (0 characters)")
-    cfg, model, ckpt = load(args.ckpt, args.device, args.precision)
+    cfg, model, ckpt = load(args.ckpt, args.device, args.precision, weights=args.weights, gpus=args.gpus)
     tok = Tokenizer(ckpt.tokenizer_path)
     if args.chat:
         ids = tok.encode_chat(args.prompt, bos_id=cfg.bos_token_id)
@@ -665,8 +715,10 @@ def run(args):
         ids = [cfg.bos_token_id] + tok.encode(args.prompt)
     selector = Selector(cfg, args.indexer, args.hisa_block, args.hisa_blocks)
     stream = StreamDecoder(tok)
-    device = "GPU" if model.xp is not np else "CPU"
-    print(f"[{device}, indexer {args.indexer} ({args.precision}), prompt {len(ids)} tokens]", file=sys.stderr)
+    gpus = len({layer.device for layer in model.layers})
+    device = "CPU" if model.xp is np else "GPU" if gpus == 1 else f"{gpus} GPUs"
+    print(f"[{device}, indexer {args.indexer} ({args.precision}), weights {model.weights}, prompt {len(ids)} tokens]",
+          file=sys.stderr)
     sys.stdout.write(args.prompt if not args.chat else "")
     sys.stdout.flush()
 

@@ -3,6 +3,7 @@
 Kernel sources include no headers (NVRTC on the GPU machine lacks CUDA's crt/ headers), so the same
 file compiles under NVRTC at run time and under `nvcc -cubin -arch=sm_90` in the CPU test.
 """
+import contextlib
 import functools
 import os
 import warnings
@@ -30,7 +31,46 @@ def is_gpu(a):
     return cp is not None and isinstance(a, cp.ndarray)
 
 
-@functools.lru_cache(maxsize=None)
+# --- Several GPUs ------------------------------------------------------------------------------------
+# A loaded CUDA module, its functions (with the shared memory they were opted into) and constant tables
+# belong to the device that was current when they were made; with several GPUs each needs its own.
+
+def per_device(fn):
+    """functools.lru_cache keyed also by the current GPU (positional arguments only)."""
+    cached = functools.lru_cache(maxsize=None)(lambda device, *args: fn(*args))
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return cached(cp.cuda.Device().id if cp is not None else None, *args)
+    return wrapper
+
+
+def device_of(a):
+    """The id of the GPU holding array a, or None for a numpy array."""
+    return a.device.id if is_gpu(a) else None
+
+
+def on_device(device):
+    """Context in which new arrays and kernel launches go to GPU `device` (nothing to do for None, the CPU)."""
+    return contextlib.nullcontext() if device is None else cp.cuda.Device(device)
+
+
+def to_device(a, device):
+    """Array a on GPU `device` (a itself if it is there already, or if device is None)."""
+    if device is None or a.device.id == device:
+        return a
+    # the copy is queued on the destination's stream, which does not wait for the source GPU's queue:
+    # finish what produces a there first, and the copy before a can be freed and its memory reused
+    a.device.synchronize()
+    with cp.cuda.Device(device):
+        b = a.copy()  # CuPy: a copy on the current device, wherever a lives
+        cp.cuda.get_current_stream().synchronize()
+    return b
+
+
+# --- Compiling and launching -------------------------------------------------------------------------
+
+@per_device
 def module(filename, defines=()):
     """Compile kernels/<filename> once per set of -D defines (tuple of 'NAME=VALUE')."""
     with open(os.path.join(KERNEL_DIR, filename)) as f:
@@ -39,7 +79,7 @@ def module(filename, defines=()):
     return cp.RawModule(code=source, options=options)
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def module_sm90a(filename, defines=()):
     """(module, has_wgmma): kernels/<filename> built for the arch-specific target sm_90a on Hopper.
 

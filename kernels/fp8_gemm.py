@@ -18,11 +18,10 @@ float dtype or bf16 bits and quantises from float32, as the kernels do.
 GPU kernels: T <= 16 (decode) a weight-streaming mma.sync GEMV; larger T a wgmma GEMM on Hopper (sm_90a),
 and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens. bench/kernels.py fp8gemm times them.
 """
-import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, module_sm90a, with_dynamic_smem, xp_of
+from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, with_dynamic_smem, xp_of
 from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
 
 BLOCK = 128       # channels per scale block, both operands
@@ -123,13 +122,13 @@ def _module():
     return module_sm90a("fp8_gemm.cu")
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _function(name):
     f = _module()[0].get_function(name)
     return with_dynamic_smem(f, GM_SMEM) if name == "fp8_gemm_wgmma" else f
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _num_sms():
     import cupy as cp
     return cp.cuda.Device().attributes["MultiProcessorCount"]

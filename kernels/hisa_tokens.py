@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, module_sm90a, with_dynamic_smem, xp_of
+from kernels._cuda import check, check_array, is_gpu, kernel, module_sm90a, per_device, with_dynamic_smem, xp_of
 from kernels.fp8 import E4M3_TABLE
 
 
@@ -127,7 +127,7 @@ def _what(a):
     return f"{type(a).__name__} {getattr(a, 'shape', '')}"
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _sm_count():
     import cupy as cp
     return cp.cuda.Device().attributes["MultiProcessorCount"]
@@ -194,7 +194,7 @@ def _module(defs):
     return module_sm90a("hisa_tokens.cu", defs)
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _function(defs, name, smem):
     """A score kernel, opted into `smem` bytes of dynamic shared memory."""
     f = _module(defs)[0].get_function(name)
@@ -202,8 +202,9 @@ def _function(defs, name, smem):
 
 
 @functools.lru_cache(maxsize=256)
-def _launch(T, Hi, Di, fp8, m, B, cap, path, splits):
-    """(kernel, grid, block, shared memory, trailing scalar arguments) for one call shape, checked once."""
+def _launch(device, T, Hi, Di, fp8, m, B, cap, path, splits):
+    """(kernel, grid, block, shared memory, trailing scalar arguments) for one call shape on one GPU (the
+    kernel belongs to that device), checked once."""
     check(1 <= Hi <= 64, f"hisa_token_scores: Hi = {Hi}, the kernels hold 1 to 64 heads")
     row_bytes = Di * (1 if fp8 else 2)
     check(row_bytes % 32 == 0 and row_bytes <= 256,
@@ -269,13 +270,13 @@ def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=N
         _want(out, "out", _F32, (T, m * B))
     if T == 0 or m == 0:
         return out
-    fn, grid, block, smem, tail = _launch(T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH,
+    fn, grid, block, smem, tail = _launch(cp.cuda.Device().id, T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH,
                                           None if splits is None else int(splits))
     fn(grid, block, (q, qs, w, keys, ks, blocks, ends, out) + tail, shared_mem=smem)
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _map_kernel(name):
     return kernel("hisa_tokens.cu", name)
 

@@ -8,11 +8,10 @@ dot is over the decoded values. Float mode: no scales; the GPU computes in bf16 
 index_scores_reference is the oracle and the CPU path; index_scores_gpu launches kernels/indexer.cu;
 index_scores picks one by where q lives. bench/kernels.py times the kernel.
 """
-import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, module_sm90a, with_dynamic_smem, xp_of
+from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, with_dynamic_smem, xp_of
 from kernels.fp8 import e4m3_decode
 
 HEADS = (4, 8, 16, 32, 64)  # Hi the kernels are built for
@@ -79,13 +78,13 @@ def _module(Hi, Di):
     return module_sm90a("indexer.cu", (f"HI={Hi}", f"DI={Di}"))
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _function(Hi, Di, name, smem):
     """The kernel, opted into `smem` bytes of dynamic shared memory."""
     return with_dynamic_smem(_module(Hi, Di)[0].get_function(name), smem)
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _num_sms():
     import cupy as cp
     return cp.cuda.Device().attributes["MultiProcessorCount"]

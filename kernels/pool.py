@@ -5,11 +5,10 @@ that exist there (a partial last block is divided by its real count). The engine
 appending keys to the cache with first_block = old_S // B, so prefill pools every block it touched and
 decode refreshes only the partial last block: the prefix is never re-pooled.
 """
-import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, xp_of
+from kernels._cuda import check, check_array, is_gpu, kernel, per_device, xp_of
 from kernels.fp8 import E4M3_MAX, E4M3_TABLE, e4m3_encode, e4m3_round
 
 POOLED_SCALE_FLOOR = 1e-10  # pooled fp8 scale = max(amax / 448, floor): not a power of two
@@ -64,7 +63,7 @@ def pool_blocks_reference(keys, key_scale, S, B, first_block, pooled, pooled_sca
     pooled_scale[first_block:nb] = scale
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _table_gpu():
     import cupy as cp
     return cp.asarray(E4M3_TABLE)

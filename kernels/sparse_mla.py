@@ -8,11 +8,10 @@ Each query t attends over its selected cache rows only, and every head uses the 
 The caller applies W_uv (and o_proj) to o. idx[t,i] = -1 is padding; so is any value outside [0, cap).
 A query with no valid index gets o = 0 (an empty softmax contributes nothing).
 """
-import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, xp_of
+from kernels._cuda import check, check_array, is_gpu, kernel, per_device, xp_of
 
 NC = 32  # selected rows per chunk in sparse_mla.cu
 
@@ -49,10 +48,10 @@ def sparse_mla_reference(q_abs, q_pe, c_kv, k_pe, idx, scale):
 
 # --- GPU launcher --------------------------------------------------------------------------------------
 
-_configured = set()  # kernels whose dynamic shared memory limit was raised
+_configured = set()  # (device, kernel defines) whose dynamic shared memory limit was raised
 
 
-@functools.lru_cache(maxsize=None)
+@per_device
 def _device_attr(name):
     import cupy as cp
     return cp.cuda.Device().attributes[name]
@@ -101,9 +100,9 @@ def sparse_mla_gpu(q_abs, q_pe, c_kv, k_pe, idx, scale):
     nsplit = max(1, -(-chunks // per_split))
     defines = (f"SM_DC={Dc}", f"SM_R={R}", f"SM_HG={HG}", f"SM_NT={NT}")
     attend = kernel("sparse_mla.cu", "sparse_mla_attend", defines)
-    if defines not in _configured:
+    if (cp.cuda.Device().id, defines) not in _configured:
         attend.max_dynamic_shared_size_bytes = smem
-        _configured.add(defines)
+        _configured.add((cp.cuda.Device().id, defines))
     if nsplit > 1:
         part_o = cp.empty((T, nsplit, H, Dc), np.float32)
         part_ml = cp.empty((T, nsplit, H, 2), np.float32)

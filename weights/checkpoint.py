@@ -88,6 +88,10 @@ class Checkpoint:
         """(dtype tag, shape), e.g. ("BF16", (129280, 7168))."""
         return self._shard(name).info(name)
 
+    def nbytes_of(self, name):
+        """Bytes tensor `name` takes in its shard."""
+        return self._shard(name).nbytes(name)
+
     def get(self, name):
         """A read-only view on the mapped shard (BF16 as ml_dtypes.bfloat16, F8_E4M3 as uint8 bits)."""
         return self._shard(name).get(name)

@@ -8,6 +8,7 @@ files and index, plus an MTP layer that the loader must skip, so every loading p
 """
 import argparse
 import json
+import math
 import os
 import zlib
 
@@ -15,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from kernels.fp8 import E4M3_MAX, e4m3_encode, e4m3_round
-from weights.safetensors import write_safetensors
+from weights.safetensors import DTYPES, write_safetensors_streaming
 from weights.tokenizer import build_byte_tokenizer
 
 TINY_CONFIG = {
@@ -166,39 +167,50 @@ def quantize_fp8_blocks(w, block=(128, 128)):
 
 
 def _make(name, shapes, seed, block):
-    """The array stored for `name`: F8_E4M3 bits tagged for the writer, scales, bf16 or f32 values."""
+    """The array stored for `name`: F8_E4M3 bits (uint8), scales, bf16 or f32 values."""
     shape, kind = shapes[name]
     if name.endswith(".weight_scale_inv"):
         weight = name[: -len("_scale_inv")]
         return quantize_fp8_blocks(random_tensor(weight, shapes[weight][0], seed), block)[1]
     w = random_tensor(name, shape, seed)
     if kind == "fp8":
-        return "F8_E4M3", quantize_fp8_blocks(w, block)[0]
+        return quantize_fp8_blocks(w, block)[0]
     return w.astype(ml_dtypes.bfloat16 if kind == "bf16" else np.float32)
+
+
+def write_checkpoint(folder, config, shapes, make, shards, tokenizer=True):
+    """Write a checkpoint folder: config.json, tokenizer.json, the tensors of `shapes` (name -> (shape,
+    kind)) in the shard files listed by `shards` (one list of names per file) and their index.
+
+    make(name) returns a tensor's data, stored with DTYPE_OF_KIND[kind]; the files are written tensor by
+    tensor (weights/safetensors.py, write_safetensors_streaming), so memory holds one tensor at a time."""
+    os.makedirs(folder, exist_ok=True)
+    weight_map, total = {}, 0
+    for k, part in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries = {n: (DTYPE_OF_KIND[shapes[n][1]], shapes[n][0]) for n in part}
+        write_safetensors_streaming(os.path.join(folder, file), entries, make, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+        total += sum(DTYPES[tag].itemsize * math.prod(shape) for tag, shape in entries.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer:
+        build_byte_tokenizer(os.path.join(folder, "tokenizer.json"))
+    return folder
 
 
 def write_random_checkpoint(folder, config=TINY_CONFIG, seed=0, shards=2, mtp_layer=True):
     """Write config.json, tokenizer.json, `shards` safetensors files and their index. Deterministic:
     the same arguments give the same bytes."""
-    os.makedirs(folder, exist_ok=True)
     shapes = tensor_shapes(config)
     if mtp_layer:
         shapes.update(mtp_shapes(config))
     names, block = list(shapes), _block(config)
-    weight_map, total = {}, 0
-    for k in range(shards):  # consecutive runs of names, layer by layer, of about equal count
-        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[k * len(names) // shards:(k + 1) * len(names) // shards]
-        part = {n: _make(n, shapes, seed, block) for n in part}
-        write_safetensors(os.path.join(folder, file), part, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-        total += sum((a[1] if isinstance(a, tuple) else a).nbytes for a in part.values())
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    build_byte_tokenizer(os.path.join(folder, "tokenizer.json"))
-    return folder
+    # consecutive runs of names, layer by layer, of about equal count
+    parts = [names[k * len(names) // shards:(k + 1) * len(names) // shards] for k in range(shards)]
+    return write_checkpoint(folder, config, shapes, lambda n: _make(n, shapes, seed, block), parts)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def write_safetensors(path, tensors, metadata=None):
     that puts every tensor at a multiple of its own item size with no gaps (the reference reader
     refuses gaps). Arrays are written in this machine's byte order, little-endian on x86 and ARM.
     """
-    items = []
+    arrays, entries = {}, {}
     for name in sorted(tensors):
         tag, arr = tensors[name] if isinstance(tensors[name], tuple) else (None, tensors[name])
         arr = np.asarray(arr, order="C")  # (not ascontiguousarray: it turns a 0-d array into 1-d)
@@ -134,19 +134,42 @@ def write_safetensors(path, tensors, metadata=None):
         if DTYPES.get(tag) != arr.dtype:
             raise CheckpointError(f"{path}: tensor '{name}' tagged {tag} must be {DTYPES.get(tag)}, "
                                   f"not {arr.dtype}")
-        items.append((name, tag, arr))
-    items.sort(key=lambda item: -item[2].itemsize)  # stable: names stay sorted within one item size
+        arrays[name], entries[name] = arr, (tag, arr.shape)
+    write_safetensors_streaming(path, entries, arrays.__getitem__, metadata)
 
+
+def write_safetensors_streaming(path, entries, make, metadata=None):
+    """write_safetensors for tensors made one at a time: entries is name -> (dtype tag, shape), and
+    make(name) returns that tensor's data, an array or an iterable of arrays whose bytes follow each other
+    (row chunks of a large tensor). Only what make returns is in memory at once: this writes files far
+    larger than RAM. Same layout and bytes as write_safetensors."""
+    order = sorted(entries, key=lambda n: (-DTYPES[entries[n][0]].itemsize, n))
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, tag, arr in items:
-        header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    for name in order:
+        tag, shape = entries[name]
+        nbytes = DTYPES[tag].itemsize * math.prod(shape)
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for _, _, arr in items:
-            f.write(arr.tobytes())
+        for name in order:
+            tag, shape = entries[name]
+            data = make(name)
+            chunks = [data] if isinstance(data, np.ndarray) else data
+            written = 0
+            for chunk in chunks:
+                chunk = np.asarray(chunk, order="C")
+                if chunk.dtype != DTYPES[tag]:
+                    raise CheckpointError(f"{path}: tensor '{name}' tagged {tag} must be {DTYPES[tag]}, "
+                                          f"not {chunk.dtype}")
+                f.write(chunk.reshape(-1).view(np.uint8).data)  # no copy (a 0-d array becomes 1-d)
+                written += chunk.nbytes
+            want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if written != want:
+                raise CheckpointError(f"{path}: tensor '{name}' {tag} {list(shape)} needs {want} bytes, "
+                                      f"{written} were made")
