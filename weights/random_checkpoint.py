@@ -19,9 +19,24 @@ from kernels.fp8 import E4M3_MAX, e4m3_encode, e4m3_round
 from weights.safetensors import DTYPES, write_safetensors_streaming
 from weights.tokenizer import build_byte_tokenizer
 
-TINY_CONFIG = {
+# The config.json fields of every DeepSeek-V3.2 checkpoint this project writes that do not describe its size
+# (FP8 weights with power-of-two 128x128 block scales, sigmoid routing with a bias, BOS 0, EOS 1).
+V32_FIELDS = {
     "architectures": ["DeepseekV32ForCausalLM"],
     "model_type": "deepseek_v32",
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+}
+
+TINY_CONFIG = {
+    **V32_FIELDS,
     "vocab_size": 320,  # >= the 262 ids of the byte tokenizer
     "hidden_size": 256,
     "intermediate_size": 384,
@@ -41,8 +56,6 @@ TINY_CONFIG = {
     "topk_group": 2,
     "routed_scaling_factor": 2.5,
     "norm_topk_prob": True,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
     "index_n_heads": 4,
     "index_head_dim": 64,
     "index_topk": 32,
@@ -52,13 +65,6 @@ TINY_CONFIG = {
     "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 256,
                      "beta_fast": 32, "beta_slow": 1, "mscale": 1, "mscale_all_dim": 1},
     "max_position_embeddings": 1024,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-    "torch_dtype": "bfloat16",
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
 }
 
 DTYPE_OF_KIND = {"fp8": "F8_E4M3", "bf16": "BF16", "f32": "F32"}

@@ -30,14 +30,13 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.fp8 import E4M3_MAX, e4m3_decode, e4m3_encode, e4m3_round  # noqa: E402
-from weights.random_checkpoint import (DTYPE_OF_KIND, mtp_shapes, random_tensor, tensor_shapes,  # noqa: E402
-                                       write_checkpoint)
+from weights.random_checkpoint import (DTYPE_OF_KIND, V32_FIELDS, mtp_shapes, random_tensor,  # noqa: E402
+                                       tensor_shapes, write_checkpoint)
 from weights.safetensors import DTYPES  # noqa: E402
 
 # config.json of the released DeepSeek-V3.2 (SPEC section 1)
 RELEASED_CONFIG = {
-    "architectures": ["DeepseekV32ForCausalLM"],
-    "model_type": "deepseek_v32",
+    **V32_FIELDS,
     "vocab_size": 129280,
     "hidden_size": 7168,
     "intermediate_size": 18432,
@@ -59,8 +58,6 @@ RELEASED_CONFIG = {
     "topk_group": 4,
     "routed_scaling_factor": 2.5,
     "norm_topk_prob": True,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
     "index_n_heads": 64,
     "index_head_dim": 128,
     "index_topk": 2048,
@@ -69,13 +66,6 @@ RELEASED_CONFIG = {
     "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     "max_position_embeddings": 163840,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-    "torch_dtype": "bfloat16",
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
 }
 
 CHUNK_BYTES = 256 << 20  # large float tensors (embeddings, lm_head) are drawn and written in row chunks

@@ -31,7 +31,7 @@ if ROOT not in sys.path:
 import model as engine  # noqa: E402
 from kernels.fp8 import dequant_weight_reference  # noqa: E402
 from weights.checkpoint import Checkpoint  # noqa: E402
-from weights.random_checkpoint import quantize_fp8_blocks, tensor_shapes  # noqa: E402
+from weights.random_checkpoint import V32_FIELDS, quantize_fp8_blocks, tensor_shapes  # noqa: E402
 from weights.safetensors import write_safetensors  # noqa: E402
 from weights.tokenizer import Tokenizer  # noqa: E402
 
@@ -50,19 +50,9 @@ REFERENCE_TEXT = "The history of the Roman Empire covers the history of ancient 
 TOLERANCE = {"dense-float": 2e-5, "dsa-float": 5e-3, "dense-fp8": 2e-2, "dsa-fp8": 2e-2}
 MIN_IOU = 0.98
 
-CONFIG_EXTRA = {
-    "architectures": ["DeepseekV32ForCausalLM"],
-    "model_type": "deepseek_v32",
-    "hidden_act": "silu",
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "attention_bias": False,
-    "tie_word_embeddings": False,
-    "num_nextn_predict_layers": 0,
-    "torch_dtype": "bfloat16",
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
-}
+# the exporter's scales are amax / 448, not powers of two: no "scale_fmt" (V32_FIELDS says ue8m0)
+CONFIG_EXTRA = dict(V32_FIELDS, attention_bias=False, num_nextn_predict_layers=0,
+                    quantization_config={k: v for k, v in V32_FIELDS["quantization_config"].items() if k != "scale_fmt"})
 
 
 def config_json(cfg_dict):
