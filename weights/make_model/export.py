@@ -239,22 +239,6 @@ def failures(results):
     return [r for r in results if not (r["err"] <= r["tol"] and r.get("iou", 1.0) >= r.get("min_iou", 1.0))]
 
 
-def engine_passkey(folder, data_folder, length, n=20, indexer="dsa", precision="fp8", device="cpu", seed=4321):
-    """Share of n pass-key documents of `length` tokens (needle depths evenly spread, validation
-    text as filler) that the engine answers exactly by greedy decoding."""
-    from weights.make_model import corpus
-    cfg, model, _ = engine.load(folder, device, precision, progress=False)
-    stream, pieces = corpus.TokenStream(data_folder, "val"), corpus.Pieces.load(data_folder)
-    rng = np.random.default_rng([seed, length])
-    hits = 0
-    for i in range(n):
-        ids, [(a, b)] = corpus.passkey_doc(rng, stream, pieces, length, {"wiki": 0.5, "shakespeare": 0.3, "pydoc": 0.2},
-                                           depth=i / max(n - 1, 1))
-        out, _ = engine.generate(model, [int(t) for t in ids[:a]], b - a, engine.Selector(cfg, indexer))
-        hits += out == [int(t) for t in ids[a:b]]
-    return hits / n
-
-
 def write_heldout(folder, data_folder):
     """heldout.npz beside the model: each source's validation token ids (never trained on), for the
     evaluation (`make eval`) and the model card, so a checkout without the corpus can still measure."""
@@ -271,12 +255,8 @@ def main(argv=None):
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--data", default=os.path.join(HERE, "data", "tokens"), help="token folder (tokenizer.json, pieces)")
     ap.add_argument("--no-check", action="store_true", help="skip running the engine against the reference")
-    ap.add_argument("--no-export", action="store_true", help="use the folder --out as it is (with --passkey)")
+    ap.add_argument("--no-export", action="store_true", help="check the folder --out as it is")
     ap.add_argument("--heldout-only", action="store_true", help="only (re)write --out/heldout.npz from --data")
-    ap.add_argument("--passkey", type=int, default=0, metavar="N",
-                    help="also measure the engine's pass-key accuracy on N documents at 4096 tokens (dense and DSA, "
-                         "fp8); ~2.5 min per document on the CPU, use --device gpu on the GPU machine")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="engine device for --passkey")
     args = ap.parse_args(argv)
     if args.heldout_only:
         print(f"wrote {write_heldout(args.out, args.data)}", file=sys.stderr)
@@ -297,10 +277,6 @@ def main(argv=None):
             sel = f", selection IoU {r['iou']:.4f}" if "iou" in r else ""
             print(f"  engine vs trainer  {r['input']:<8} {r['mode']:<12} max-rel {r['err']:.2e} "
                   f"(tolerance {r['tol']:.0e}){sel}{'  FAIL' if r in bad else ''}", file=sys.stderr)
-    if args.passkey:
-        for indexer in ("dense", "dsa"):
-            acc = engine_passkey(args.out, args.data, 4096, args.passkey, indexer, device=args.device)
-            print(f"  engine pass-key accuracy at 4096 tokens, {indexer} fp8: {acc:.2f} of {args.passkey}", file=sys.stderr)
 
 
 if __name__ == "__main__":
