@@ -52,7 +52,6 @@ from weights.safetensors import CheckpointError  # noqa: E402
 
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "dsv32-small")
 SOURCES = ("wiki", "shakespeare", "pydoc", "pycode")          # the keys of heldout.npz
-FILLER = {"wiki": 0.5, "shakespeare": 0.3, "pydoc": 0.2}      # around needles: the trainer's FILLER (train.py)
 MODES = M.INDEXERS                                             # dense, dsa, hisa, block
 
 
@@ -239,7 +238,7 @@ def passkey_docs(streams, pieces, L, depths, docs, seed):
     for j, d in enumerate(depths):
         row = []
         for i in range(docs):
-            ids, [ans] = corpus.passkey_doc(np.random.default_rng([seed, L, j, i]), streams, pieces, L, FILLER, depth=d)
+            ids, [ans] = corpus.passkey_doc(np.random.default_rng([seed, L, j, i]), streams, pieces, L, corpus.FILLER, depth=d)
             row.append((ids, ans))
         out.append(row)
     return out

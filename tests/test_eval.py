@@ -165,7 +165,7 @@ def test_passkey_scoring_is_teacher_forced_argmax(stand_in, chunk, mode):
     from weights.tokenizer import Tokenizer
     streams = corpus.TokenStream.from_arrays(ev.load_heldout(folder))
     pieces = corpus.Pieces.build(Tokenizer(os.path.join(folder, "tokenizer.json")))
-    ids, [(a, b)] = corpus.passkey_doc(np.random.default_rng(5), streams, pieces, 200, ev.FILLER, depth=0.3)
+    ids, [(a, b)] = corpus.passkey_doc(np.random.default_rng(5), streams, pieces, 200, corpus.FILLER, depth=0.3)
     full = model.forward(ids[:b - 1], model.new_cache(b - 1), M.Selector(cfg, mode), all_logits=True)
     got = ev.passkey_predictions(model, ids, (a, b), M.Selector(cfg, mode), chunk)
     assert got.shape == (b - a,) and np.array_equal(got, M.xp_to_numpy(full[a - 1:b - 1]).argmax(-1))

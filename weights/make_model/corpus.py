@@ -337,6 +337,10 @@ def contains(seq, sub):
     return int(hits.sum())
 
 
+# the text around needles and copied spans (share of each source): the trainer's and `make eval`'s
+FILLER = {"wiki": 0.5, "shakespeare": 0.3, "pydoc": 0.2}
+
+
 def passkey_doc(rng, stream, pieces, length, weights, key_digits=5, depth=None):
     """A pass key hidden at a random depth in ordinary text, asked for at the end:
 

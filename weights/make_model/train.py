@@ -103,7 +103,6 @@ class Stage:
 
 
 TEXT = {"wiki": 0.35, "shakespeare": 0.25, "pydoc": 0.2, "pycode": 0.2}  # ordinary training text
-FILLER = {"wiki": 0.5, "shakespeare": 0.3, "pydoc": 0.2}                 # around needles and spans
 WARMUP = 100        # steps of linear learning-rate warm-up at the start
 REWARMUP = 20       # after a resume from the compact checkpoint (Adam's first moment restarts at 0)
 FINAL_LR = 0.1      # of the peak, at the end of the last stage
@@ -554,7 +553,7 @@ class Data:
             self.train = corpus.TokenStream(os.path.join(folder), "train")
             self.val = corpus.TokenStream(os.path.join(folder), "val")
             self.pieces = corpus.Pieces.load(folder)
-            self.text, self.filler = TEXT, FILLER
+            self.text, self.filler = TEXT, corpus.FILLER
         else:  # random "text" and made-up sentences: the smoke run and the tests work without a corpus
             rng = np.random.default_rng(fake_seed)
             zipf = np.minimum(rng.zipf(1.3, 400_000), vocab - 7) + 5
