@@ -26,7 +26,7 @@ import numpy as np
 import hisa
 from kernels._cuda import HAVE_GPU, device_of, on_device, to_device, xp_of
 from kernels.fp8 import e4m3_encode, fp8_roundtrip, quantize_ue8m0
-from kernels.fp8_gemm import fp8_linear
+from kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
 from kernels.indexer import index_scores
 from kernels.sparse_mla import sparse_mla
 from kernels.topk import topk
@@ -100,6 +100,8 @@ class Config:
         need(self.n_routed_experts % self.n_group == 0,
              f"n_routed_experts {self.n_routed_experts} is not a multiple of n_group {self.n_group}")
         need(self.topk_group <= self.n_group, f"topk_group {self.topk_group} > n_group {self.n_group}")
+        need(self.n_shared_experts == 1, f"n_shared_experts {self.n_shared_experts}: the engine stacks one shared "
+                                         f"expert with the routed ones (weights/loader.py), as DeepSeek-V3.2 has")
         need(self.num_experts_per_tok <= self.n_routed_experts // self.n_group * self.topk_group,
              f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of {self.topk_group} groups")
         need(self.qk_rope_head_dim % 2 == 0 and self.qk_rope_head_dim <= self.index_head_dim,
@@ -399,32 +401,46 @@ class MLP:
     """down(silu(gate(x)) * up(x)), gate and up in one product: gate_up is their weights stacked row-wise,
     [2F', D] (weights/loader.py)."""
 
-    def __init__(self, p):
-        self.gate_up, self.down = weight(p, "gate_up_proj"), weight(p, "down_proj")  # (2F', D), (D, F)
+    def __init__(self, gate_up, down):
+        self.gate_up, self.down = gate_up, down                                      # (2F', D), (D, F)
 
     def __call__(self, x):
         return linear(swiglu(linear(x, self.gate_up), self.down.shape[-1]), self.down)  # (T, D)
 
 
-def grouped_linear(x, w, groups):
-    """y[lo:hi] = x[lo:hi] @ w[e]^T for each group (e, lo, hi): x's rows sorted by expert, w stacked [E, N, K].
+def grouped_linear(x, w, offsets):
+    """y[lo:hi] = x[lo:hi] @ w[e]^T for every group e, lo, hi = offsets[e], offsets[e+1]: x's rows sorted by
+    expert, w stacked [E, N, K], offsets host ints [E + 1] (a group may be empty).
 
-    One product per expert that received tokens. This is the grouped GEMM's contract: a kernel taking the
-    stacked weights and the group offsets could run every expert in one launch instead."""
+    FP8 weights: one grouped product (kernels/fp8_gemm.py:fp8_grouped_linear). On the GPU the rows are
+    quantised once and one kernel launch runs every expert that has rows; on the CPU the reference runs
+    expert by expert. fp32 weights (dequant mode): one matmul per expert that has rows."""
+    if isinstance(w, FP8Weight):
+        return fp8_grouped_linear(xp_of(x).ascontiguousarray(x, dtype=np.float32), w.bits, w.scale, offsets)
     y = xp_of(x).empty((x.shape[0], w.shape[-2]), np.float32)                        # (rows, N)
-    for e, lo, hi in groups:
-        y[lo:hi] = linear(x[lo:hi], w[e])
+    for e in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[e], offsets[e + 1]
+        y[lo:hi] = x[lo:hi] @ w[e].T
     return y
 
 
 class MoE:
+    """y = sum_j weights_j * Expert_{experts_j}(x) + Shared(x) per token: its top-k routed experts and the
+    shared expert, each a SwiGLU MLP of width F.
+
+    The loader stacks the shared expert after the routed ones, as slot E of gate_up and down, so that two
+    grouped products (gate_up, then down) run every expert a batch needs: the shared expert is one more
+    group, holding every token, with weight 1. At decode this saves the shared expert's own two products (on
+    the GPU each is two launches and ~0.15-0.2 ms of host time, bench/NOTES.md); in prefill it costs nothing."""
+
     def __init__(self, cfg, p):
         self.cfg = cfg
+        E = cfg.n_routed_experts
         self.gate = p["gate.weight"]                                              # (E, D)
         self.bias = p["gate.e_score_correction_bias"]                             # (E,)
-        self.gate_up = weight(p, "experts.gate_up_proj")                          # (E, 2F', D)
-        self.down = weight(p, "experts.down_proj")                                # (E, D, F)
-        self.shared = MLP({k[len("shared_experts."):]: v for k, v in p.items() if k.startswith("shared_experts.")})
+        self.gate_up = weight(p, "experts.gate_up_proj")                          # (E+1, 2F', D) routed, then shared
+        self.down = weight(p, "experts.down_proj")                                # (E+1, D, F)
+        self.shared = MLP(self.gate_up[E], self.down[E])                          # the shared expert alone (views)
 
     def route(self, x):
         """Group-limited sigmoid routing: (expert ids (T, k), weights (T, k))."""
@@ -446,21 +462,26 @@ class MoE:
         return experts, weights * np.float32(cfg.routed_scaling_factor)
 
     def __call__(self, x):
-        xp = xp_of(x)
         experts, weights = self.route(x)                                          # (T, k), (T, k)
+        return self.mix(x, experts, weights)
+
+    def mix(self, x, experts, weights):
+        """The experts' outputs for routed (token, expert) pairs, weighted and summed, plus the shared expert's."""
+        xp = xp_of(x)
         T, k = experts.shape
-        # the T*k (token, expert) pairs sorted by expert: each expert's tokens become one contiguous group
+        E = self.cfg.n_routed_experts
+        # rows: the T*k (token, expert) pairs sorted by expert, then every token again for the shared expert
+        # (slot E); each expert's rows are one contiguous group, rows offsets[e] .. offsets[e+1] - 1
         order = xp.argsort(experts.reshape(-1), kind="stable")                    # (T*k,)
-        counts = np.bincount(xp_to_numpy(experts).reshape(-1), minlength=self.cfg.n_routed_experts)
-        ends = np.cumsum(counts)
-        groups = [(e, int(ends[e] - counts[e]), int(ends[e])) for e in np.flatnonzero(counts)]
-        xs = x[order // k]                                                        # (T*k, D) tokens gathered once
-        h = grouped_linear(xs, self.gate_up, groups)                              # (T*k, 2F')
-        out = grouped_linear(swiglu(h, self.down.shape[-1]), self.down, groups)   # (T*k, D)
-        out *= weights.reshape(-1)[order][:, None]
-        routed = xp.empty_like(out)
-        routed[order] = out                                                       # back to (token, slot) order
-        return self.shared(x) + routed.reshape(T, k, -1).sum(1)                   # (T, D)
+        counts = np.bincount(xp_to_numpy(experts).reshape(-1), minlength=E + 1)   # (E+1,) on the host
+        counts[E] = T
+        offsets = np.concatenate([[0], np.cumsum(counts)])                        # (E+2,)
+        xs = xp.concatenate([x[order // k], x])                                   # (T*k + T, D)
+        h = grouped_linear(xs, self.gate_up, offsets)                             # (T*k + T, 2F')
+        out = grouped_linear(swiglu(h, self.down.shape[-1]), self.down, offsets)  # (T*k + T, D)
+        routed = xp.empty((T * k, out.shape[1]), np.float32)
+        routed[order] = out[:T * k] * weights.reshape(-1)[order][:, None]         # back to (token, slot) order
+        return out[T * k:] + routed.reshape(T, k, -1).sum(1)                      # (T, D)
 
 
 def xp_to_numpy(a):
@@ -476,7 +497,8 @@ class Block:
         self.device = device_of(self.input_layernorm)  # the GPU holding this layer's weights and cache (None: CPU)
         self.self_attn = MLA(cfg, {k[10:]: v for k, v in p.items() if k.startswith("self_attn.")}, precision)
         mlp = {k[4:]: v for k, v in p.items() if k.startswith("mlp.")}
-        self.mlp = MLP(mlp) if i < cfg.first_k_dense_replace else MoE(cfg, mlp)
+        self.mlp = (MLP(weight(mlp, "gate_up_proj"), weight(mlp, "down_proj")) if i < cfg.first_k_dense_replace
+                    else MoE(cfg, mlp))
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, h, cos, sin, cache, start, selector, form):

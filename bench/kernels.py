@@ -5,21 +5,25 @@ median over reps, launches included. torch appears here only as a reference poin
     python bench/kernels.py indexer       # index_scores, fp8/bf16, wgmma and mma.sync paths
     python bench/kernels.py tokens        # the HISA token stage, wgmma and mma.sync paths
     python bench/kernels.py fp8gemm       # FP8 linear: prefill vs torch._scaled_mm, decode GB/s vs a device copy
+    python bench/kernels.py grouped       # an MoE layer's experts: one grouped launch per product vs a loop over experts
 """
 import importlib.util
 import os
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy as cp  # noqa: E402  (GPU-only)
 
-from kernels.fp8_gemm import _num_sms, fp8_gemm_gpu, fp8_linear_gpu, plan, quantize_activations_gpu  # noqa: E402
+from kernels.fp8_gemm import (_module, _num_sms, fp8_gemm_gpu, fp8_grouped_linear_gpu, fp8_linear_gpu, plan,  # noqa: E402
+                              plan_grouped, quantize_activations_gpu)
 from kernels.hisa_tokens import hisa_token_scores_gpu  # noqa: E402
 from kernels.indexer import index_scores_gpu  # noqa: E402
 from kernels.topk import topk_gpu  # noqa: E402
-from model import bf16_bits  # noqa: E402
+from model import Config, MoE, bf16_bits, linear, swiglu, xp_to_numpy  # noqa: E402
+from weights.synthetic_checkpoint import synthetic_config  # noqa: E402
 
 
 def time_ms(fn, inputs=(None,), reps=20, warmup=3, new_event=cp.cuda.Event, elapsed=cp.cuda.get_elapsed_time):
@@ -236,6 +240,149 @@ def fp8gemm_tables(T_prefill=4096):
             print(f"{N:>6} {K:>6} {T:>3} {splits:>6} {ms:8.4f} {gbps:6.0f} {gbps / copy:7.2f} {lin:9.4f}")
 
 
+# --- Grouped FP8 products: an MoE layer's experts (kernels/fp8_gemm.py fp8_grouped_linear, model.MoE) ----------
+
+def time_device_ms(fn, inputs=(None,), reps=10, warmup=2):
+    """(device ms per fn(x), queued) for calls made of many launches: as time_ms_queued, with the spinning
+    kernel sized from the measured host time of one call. queued is False where the host was still launching
+    when the spin ended (e.g. more launches than the driver queues): the figure then includes host gaps."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    fn(inputs[0])
+    cp.cuda.Device().synchronize()
+    spin_ms = 1.5 * (time.perf_counter() - t0) * 1e3 * reps + 5
+    spin = cp.RawKernel(_SPIN, "spin")
+    before, start, end = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()
+    before.record()
+    spin((1,), (1,), (np.int64(spin_ms * cp.cuda.Device().attributes["ClockRate"]),))  # kHz: cycles per ms
+    start.record()
+    t0 = time.perf_counter()
+    for i in range(reps):
+        fn(inputs[(i + warmup) % len(inputs)])
+    launched_ms = (time.perf_counter() - t0) * 1e3
+    end.record()
+    end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / reps, launched_ms < cp.cuda.get_elapsed_time(before, start)
+
+
+def route_tokens(T, E=256, k=8, seed=0):
+    """Expert ids [T, k] (k distinct of E per token; the experts unequally popular, log-normal sigma 0.5, as
+    tests/test_kernel_fp8_gemm.py routing_counts) and weights [T, k] (1/k), on the GPU."""
+    rng = np.random.default_rng(seed)
+    keys = rng.gumbel(size=(T, E)) + 0.5 * rng.standard_normal(E)
+    experts = np.argpartition(-keys, k - 1, axis=1)[:, :k]
+    return cp.asarray(experts), cp.full((T, k), 1.0 / k, np.float32)
+
+
+def released_moe():
+    """model.MoE at the released dims (256 experts of 2048 on 7168, top-8) with random FP8 experts stacked as
+    weights/loader.py stacks them (the shared one last, 11.3 GB) and unit scales: speed does not depend on values."""
+    cfg = Config.from_dict(synthetic_config())
+    E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    rng = cp.random.default_rng(0)
+    gate_up, down = cp.empty((E + 1, 2 * F, D), np.uint8), cp.empty((E + 1, D, F), np.uint8)
+    for e in range(E + 1):  # one expert at a time: fp8_bits draws int32 first
+        gate_up[e], down[e] = fp8_bits(rng, (2 * F, D)), fp8_bits(rng, (D, F))
+    p = {"gate.weight": cp.zeros((E, D), np.float32), "gate.e_score_correction_bias": cp.zeros(E, np.float32),
+         "experts.gate_up_proj.weight": gate_up, "experts.down_proj.weight": down,
+         "experts.gate_up_proj.weight_scale_inv": cp.ones((E + 1, 2 * F // 128, D // 128), np.float32),
+         "experts.down_proj.weight_scale_inv": cp.ones((E + 1, D // 128, F // 128), np.float32)}
+    return MoE(cfg, p)
+
+
+def per_expert_mix(moe, x, experts, weights):
+    """MoE.mix as it was before the grouped kernel: one fp8_linear per expert that received tokens, then the
+    shared expert's MLP on its own (two more products)."""
+    T, k = experts.shape
+    order = cp.argsort(experts.reshape(-1), kind="stable")
+    counts = np.bincount(xp_to_numpy(experts).reshape(-1), minlength=moe.cfg.n_routed_experts)
+    ends = np.cumsum(counts)
+
+    def per_expert(rows, w):
+        y = cp.empty((rows.shape[0], w.shape[-2]), np.float32)
+        for e in np.flatnonzero(counts):
+            y[ends[e] - counts[e]:ends[e]] = linear(rows[ends[e] - counts[e]:ends[e]], w[e])
+        return y
+    out = per_expert(swiglu(per_expert(x[order // k], moe.gate_up), moe.down.shape[-1]), moe.down)
+    out *= weights.reshape(-1)[order][:, None]
+    routed = cp.empty_like(out)
+    routed[order] = out
+    return moe.shared(x) + routed.reshape(T, k, -1).sum(1)
+
+
+def expert_rows(moe, x, experts):
+    """The rows MoE.mix hands to its products: (pairs sorted by expert then every token again [T*k + T, D],
+    offsets [E + 2] on the host)."""
+    T, k = experts.shape
+    E = moe.cfg.n_routed_experts
+    counts = np.bincount(xp_to_numpy(experts).reshape(-1), minlength=E + 1)
+    counts[E] = T
+    order = cp.argsort(experts.reshape(-1), kind="stable")
+    return cp.concatenate([x[order // k], x]), np.concatenate([[0], np.cumsum(counts)])
+
+
+def grouped_products(moe, xs, offsets):
+    h = fp8_grouped_linear_gpu(xs, moe.gate_up.bits, moe.gate_up.scale, offsets)
+    return fp8_grouped_linear_gpu(swiglu(h, moe.down.shape[-1]), moe.down.bits, moe.down.scale, offsets)
+
+
+def looped_products(moe, xs, offsets):
+    """The same products, one fp8_linear per group (the shared expert is group E here too), each written in
+    place (out=): two launches per expert and product."""
+    groups = [(e, offsets[e], offsets[e + 1]) for e in np.flatnonzero(np.diff(offsets))]
+    h = cp.empty((xs.shape[0], moe.gate_up.shape[1]), np.float32)
+    for e, lo, hi in groups:
+        fp8_linear_gpu(xs[lo:hi], moe.gate_up.bits[e], moe.gate_up.scale[e], out=h[lo:hi])
+    a = swiglu(h, moe.down.shape[-1])
+    y = cp.empty((xs.shape[0], moe.down.shape[1]), np.float32)
+    for e, lo, hi in groups:
+        fp8_linear_gpu(a[lo:hi], moe.down.bits[e], moe.down.scale[e], out=y[lo:hi])
+    return y
+
+
+def grouped_table(token_counts=(1, 8, 512, 4096), routings=4):
+    moe = released_moe()
+    E, D, F = moe.cfg.n_routed_experts, moe.cfg.hidden_size, moe.cfg.moe_intermediate_size
+    expert_bytes = 3 * D * F  # gate_up + down of one expert, fp8 (scales: 1/16384 of it)
+    copy = copy_gbps()
+    print(f"MoE experts at the released dims: E = {E} routed + 1 shared, top-{moe.cfg.num_experts_per_tok}, D = {D}, "
+          f"F = {F}; FP8 weights, "
+          f"{(E + 1) * expert_bytes / 1e9:.1f} GB per layer")
+    print("layer ms: MoE.mix (sort, gather, both products, SwiGLU, weighted sum; host time included, CUDA events)")
+    print("  grouped = this code (two grouped launches); loop = one fp8_linear per expert + the shared MLP (before)")
+    print("products ms: device time of the two products alone, launches queued behind a spinning kernel")
+    print("  (* = the host could not queue them all in time: includes host gaps, an upper bound)")
+    print(f"GB/s: the used experts' weights read once per call / grouped products ms; device copy {copy:.0f} GB/s "
+          "(read + write) in this run")
+    print(f"{'T':>5} {'rows':>6} {'used':>4} {'max':>4} {'kernel (gate_up)':>22} {'layer grouped':>13} "
+          f"{'layer loop':>10} {'x':>5} {'prod grouped':>12} {'prod loop':>10} {'x':>5} {'GB/s':>6} {'of copy':>7} "
+          f"{'TFLOP/s':>7}")
+    has_wgmma = _module()[1]
+    for T in token_counts:
+        rng = cp.random.default_rng(T)
+        cases = []
+        for r in range(routings):
+            experts, weights = route_tokens(T, E, moe.cfg.num_experts_per_tok, seed=100 * T + r)
+            x = rng.standard_normal((T, D), dtype=np.float32)
+            cases.append((x, experts, weights) + expert_rows(moe, x, experts))
+        counts = np.stack([np.diff(c[4]) for c in cases])
+        rows, G = int(cases[0][4][-1]), int(counts.max())
+        used = (counts > 0).sum(1).mean()  # experts whose weights a call reads, mean over the routings
+        name = plan_grouped(cases[0][4], 2 * F, D, has_wgmma, _num_sms())[0].replace("fp8_grouped_", "")
+        reps = 10 if T <= 512 else 3
+        lg = time_ms(lambda c: moe.mix(c[0], c[1], c[2]), cases, reps=reps)
+        ll = time_ms(lambda c: per_expert_mix(moe, c[0], c[1], c[2]), cases, reps=reps)
+        pg, qg = time_device_ms(lambda c: grouped_products(moe, c[3], c[4]), cases, reps=reps)
+        pl, ql = time_device_ms(lambda c: looped_products(moe, c[3], c[4]), cases, reps=max(2, reps // 2))
+        gbps = used * expert_bytes / pg / 1e6
+        tflops = 2 * rows * expert_bytes / pg / 1e9
+        mark = lambda q: " " if q else "*"  # noqa: E731
+        print(f"{T:>5} {rows:>6} {used:4.0f} {G:>4} {name:>22} {lg:13.3f} {ll:10.3f} {ll / lg:5.1f} "
+              f"{pg:11.3f}{mark(qg)} {pl:9.3f}{mark(ql)} {pl / pg:5.1f} {gbps:6.0f} {gbps / copy:7.2f} {tflops:7.0f}")
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) > 1 else "topk"
     if what == "topk":
@@ -252,8 +399,10 @@ def main():
                 print(f"T={T} L=131072 {path}: {bench_token_scores(T, 131072, path=path):.3f} ms")
     elif what == "fp8gemm":
         fp8gemm_tables()
+    elif what == "grouped":
+        grouped_table()
     else:
-        sys.exit("usage: python bench/kernels.py [topk|indexer|tokens|fp8gemm]")
+        sys.exit("usage: python bench/kernels.py [topk|indexer|tokens|fp8gemm|grouped]")
 
 
 if __name__ == "__main__":

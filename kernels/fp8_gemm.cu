@@ -41,6 +41,12 @@
 //       depend on timing, and resets its ticket for the next launch. Grid (ceil(N / 64), splits,
 //       ceil(T / 16)); ws float [splits, T, N] and counters int [grid.x * grid.z] (zero on entry) are
 //       only touched when splits > 1.
+//   fp8_grouped_gemm_wgmma, fp8_grouped_gemv_t8 / _t16  the same kernels over groups of rows (a mixture of
+//       experts): x8 / sx rows sorted by expert, w8 [E, N, K] and sw [E, ceil(N / 128), KB] stacked, y [R, N].
+//       A table of tiles int [n, 3] = (expert, first row, end of that expert's rows), built by the launcher
+//       with at most 128 (wgmma) or 8 / 16 (GEMV) rows per tile and never two experts' rows in one, takes
+//       the place of the token-tile index: wgmma grid n * ceil(N / 128) (the same raster), GEMV grid
+//       (ceil(N / 64), splits, n). Each CTA offsets w8 and sw to its expert and stops at the group's end.
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points.
 
@@ -229,18 +235,21 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) 
 // 2q+9 (m16n8k16 layout: a0/a1 rows g/g+8 at 2q.., a2/a3 at 2q+8..; b0 at 2q.., b1 at 2q+8..). A slot
 // maps to the same channel 64c + 16q + 4j + {0..3} in A and in B, independently of g, so each mma sums
 // true products; which channels go to which step is irrelevant to the block's sum.
+//
+// The CTA computes tokens tok0 .. min(tok0 + 8 * NT, T) - 1 (T: the end of its tokens, exclusive) against
+// weight rows 64 * blockIdx.x ..; y and ws have R rows (the plain kernels: tok0 = 16 * blockIdx.z, T = R).
 template <int NT, bool VEC>
 __device__ __forceinline__ void gemv_body(const u8* __restrict__ x8, const float* __restrict__ sx,
                                           const u8* __restrict__ w8, const float* __restrict__ sw,
                                           float* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
-                                          int T, int N, int K, float (*red)[GV_ROWS][16], int* last) {
+                                          int tok0, int T, int R, int N, int K, float (*red)[GV_ROWS][16],
+                                          int* last) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int rset = warp % 2, phase = warp / 2;
   const int KB = (K + 127) / 128, KP = KB * 128;
   const int row0 = blockIdx.x * GV_ROWS;             // CTA's first weight row; all 64 share one scale row
   const int n0 = row0 + rset * 32;                   // this warp's first row
-  const int tok0 = blockIdx.z * 16;
   const int split = blockIdx.y, nsplit = gridDim.y;
   const int kb0 = (int)((long long)split * KB / nsplit), kb1 = (int)((long long)(split + 1) * KB / nsplit);
   const float* swrow = sw + (long long)(row0 / 128) * KB;
@@ -338,7 +347,7 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ x8, const float
         red[phase][rset * 32 + 16 * r + 8 * (i >> 1) + g][8 * nt + 2 * q + (i & 1)] = acc[r][nt][i];
   __syncthreads();
   constexpr int TT = 8 * NT;  // tokens per CTA
-  const long long TN = (long long)T * N;
+  const long long TN = (long long)R * N;  // one split's partials in ws
   // Output (token, row) pairs, rows fastest so that stores to y[t, :] are coalesced.
   for (int i = tid; i < TT * GV_ROWS; i += GV_THREADS) {
     const int tl = i / GV_ROWS, rl = i % GV_ROWS;
@@ -378,20 +387,49 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ x8, const float
 
 // vec is uniform: choose the load path once, so the weight loads of a block issue back to back.
 template <int NT>
-__device__ __forceinline__ void gemv_entry(GEMV_PARAMS) {
+__device__ __forceinline__ void gemv_entry(const u8* __restrict__ x8, const float* __restrict__ sx,
+                                           const u8* __restrict__ w8, const float* __restrict__ sw,
+                                           float* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
+                                           int tok0, int T, int R, int N, int K, int vec) {
   __shared__ float red[GV_PHASES][GV_ROWS][16];
   __shared__ int last;
   if (vec)
-    gemv_body<NT, true>(x8, sx, w8, sw, y, ws, counters, T, N, K, red, &last);
+    gemv_body<NT, true>(x8, sx, w8, sw, y, ws, counters, tok0, T, R, N, K, red, &last);
   else
-    gemv_body<NT, false>(x8, sx, w8, sw, y, ws, counters, T, N, K, red, &last);
+    gemv_body<NT, false>(x8, sx, w8, sw, y, ws, counters, tok0, T, R, N, K, red, &last);
 }
 
 extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_gemv_t8(GEMV_PARAMS) {
-  gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, T, N, K, vec);
+  gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, blockIdx.z * 16, T, T, N, K, vec);
 }
 extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_gemv_t16(GEMV_PARAMS) {
-  gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, T, N, K, vec);
+  gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, blockIdx.z * 16, T, T, N, K, vec);
+}
+
+// Grouped: rows of x8 sorted by expert, w8 [E, N, K] and sw [E, NB, KB] stacked, and per grid.z one entry
+// tiles[z] = (expert e, first row r0, end of e's rows): the CTA runs rows r0 .. min(r0 + 8 * NT, end) - 1
+// against expert e's weight. Rows past `end` are the next expert's and are never read.
+#define GROUPED_GEMV_PARAMS                                                                               \
+  const u8 *__restrict__ x8, const float *__restrict__ sx, const u8 *__restrict__ w8,                    \
+      const float *__restrict__ sw, float *__restrict__ y, float *__restrict__ ws, int *__restrict__ counters, \
+      const int *__restrict__ tiles, int R, int N, int K, int vec
+
+// The row arrays are offset to r0 here, so that the body sees tok0 = 0 (a constant: this kernel needs the
+// register it saves to stay within 128 without spilling).
+template <int NT>
+__device__ __forceinline__ void grouped_gemv_entry(GROUPED_GEMV_PARAMS) {
+  const int* tile = tiles + 3 * blockIdx.z;
+  const int e = tile[0], r0 = tile[1], end = tile[2];
+  const long long KB = (K + 127) / 128, NB = (N + 127) / 128, rN = (long long)r0 * N;
+  gemv_entry<NT>(x8 + r0 * KB * 128, sx + r0 * KB, w8 + e * (long long)N * K, sw + e * NB * KB, y + rN, ws + rN,
+                 counters, 0, end - r0, R, N, K, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_grouped_gemv_t8(GROUPED_GEMV_PARAMS) {
+  grouped_gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, tiles, R, N, K, vec);
+}
+extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_grouped_gemv_t16(GROUPED_GEMV_PARAMS) {
+  grouped_gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, tiles, R, N, K, vec);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -403,6 +441,16 @@ extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_gemv_t16(GEMV_PA
 #define GM_GROUP 8    // token tiles per raster group
 #define GM_TILE (128 * 128)  // bytes of one 128-row x 128-byte operand tile
 #define GM_SMEM (2 * GM_STAGES * GM_TILE + 1024)  // + worst-case alignment of the base to 1024
+
+// Grouped raster: consecutive CTAs walk GM_GROUP token tiles x every weight tile, so one wave of CTAs
+// reads a few x tiles and a slice of W, each many times, from L2 (row-major order would stream the
+// whole weight once per token tile). CTA `bid` of tiles_m * tiles_n -> (tile_m, tile_n).
+__device__ __forceinline__ void raster(int bid, int tiles_m, int tiles_n, int* tile_m, int* tile_n) {
+  const int group = bid / (GM_GROUP * tiles_n), in_group = bid % (GM_GROUP * tiles_n);
+  const int group_m = min(tiles_m - group * GM_GROUP, GM_GROUP);
+  *tile_m = group * GM_GROUP + in_group % group_m;
+  *tile_n = in_group / group_m;
+}
 
 // Byte offset of 16-byte chunk x (0..7) of row r in a tile of 128-byte rows with the wgmma 128-byte
 // swizzle (chunk x of row r stored at x ^ (r mod 8); 1024-byte atoms of 8 rows), as in indexer.cu.
@@ -477,20 +525,15 @@ __device__ __forceinline__ void wgmma_fp8_n128(float* d, u64 da, u64 db, int acc
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
+// One CTA tile: tokens m0 .. min(m0 + 128, T) - 1 (T: the end of the tile's tokens, exclusive; the rows
+// of x8, sx and y past it are neither read nor written) x weight rows 128 * tile_n ...
 template <bool VEC>
 __device__ __forceinline__ void gemm_wgmma_body(const u8* __restrict__ x8, const float* __restrict__ sx,
                                                 const u8* __restrict__ w8, const float* __restrict__ sw,
-                                                float* __restrict__ y, int T, int N, int K) {
+                                                float* __restrict__ y, int m0, int T, int tile_n, int N, int K) {
   const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wv = (tid >> 5) & 3;
   const int KB = (K + 127) / 128, KP = KB * 128;
-  // Grouped raster: consecutive CTAs walk GM_GROUP token tiles x every weight tile, so one wave of CTAs
-  // reads a few x tiles and a slice of W, each many times, from L2 (row-major order would stream the
-  // whole weight once per token tile).
-  const int tiles_n = (N + GM_BN - 1) / GM_BN, tiles_m = (T + GM_BM - 1) / GM_BM;
-  const int group = blockIdx.x / (GM_GROUP * tiles_n), in_group = blockIdx.x % (GM_GROUP * tiles_n);
-  const int group_m = min(tiles_m - group * GM_GROUP, GM_GROUP);
-  const int tile_m = group * GM_GROUP + in_group % group_m, tile_n = in_group / group_m;
-  const int n0 = tile_n * GM_BN, m0 = tile_m * GM_BM;
+  const int n0 = tile_n * GM_BN;
   const u32 raw = smem_addr(smem_raw);
   const u32 base = raw + ((1024 - (raw & 1023)) & 1023);
   const u32 a_s = base, b_s = base + GM_STAGES * GM_TILE;  // x tiles, then W tiles
@@ -569,19 +612,45 @@ __device__ __forceinline__ void gemm_wgmma_body(const u8* __restrict__ x8, const
   }
 }
 
-#define GEMM_WGMMA_BODY()                                        \
-  if (smem_bytes < GM_SMEM) trap();                              \
-  if (vec)                                                       \
-    gemm_wgmma_body<true>(x8, sx, w8, sw, y, T, N, K);           \
-  else                                                           \
-    gemm_wgmma_body<false>(x8, sx, w8, sw, y, T, N, K)
+// A CTA tile of weight w8 / scales sw, or a trap where wgmma was not built.
+__device__ __forceinline__ void gemm_wgmma_tile(const u8* __restrict__ x8, const float* __restrict__ sx,
+                                                const u8* __restrict__ w8, const float* __restrict__ sw,
+                                                float* __restrict__ y, int m0, int end, int tile_n, int N, int K,
+                                                int vec, int smem_bytes) {
+  if (smem_bytes < GM_SMEM) trap();
+  if (vec)
+    gemm_wgmma_body<true>(x8, sx, w8, sw, y, m0, end, tile_n, N, K);
+  else
+    gemm_wgmma_body<false>(x8, sx, w8, sw, y, m0, end, tile_n, N, K);
+}
 #else
-#define GEMM_WGMMA_BODY() trap()  // wgmma needs sm_90a: launching this elsewhere is a bug
+__device__ __forceinline__ void gemm_wgmma_tile(const u8*, const float*, const u8*, const float*, float*, int, int,
+                                                int, int, int, int, int) {
+  trap();  // wgmma needs sm_90a: launching this elsewhere is a bug
+}
 #endif
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     fp8_gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
                    const float* __restrict__ sw, float* __restrict__ y, int T, int N, int K, int vec,
                    int smem_bytes) {
-  GEMM_WGMMA_BODY();
+  int tile_m, tile_n;
+  raster(blockIdx.x, (T + GM_BM - 1) / GM_BM, (N + GM_BN - 1) / GM_BN, &tile_m, &tile_n);
+  gemm_wgmma_tile(x8, sx, w8, sw, y, tile_m * GM_BM, T, tile_n, N, K, vec, smem_bytes);
+}
+
+// Grouped: rows of x8 sorted by expert, w8 [E, N, K] and sw [E, NB, KB] stacked, and n_mtiles token tiles
+// tiles[i] = (expert e, first row r0, end of e's rows): the CTA runs rows r0 .. min(r0 + 128, end) - 1, never
+// two experts'. The same raster over n_mtiles x ceil(N / 128): an expert's token tiles sit side by side, so
+// where it has several, their CTAs share its weight tiles through L2.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    fp8_grouped_gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
+                           const float* __restrict__ sw, float* __restrict__ y, const int* __restrict__ tiles,
+                           int n_mtiles, int N, int K, int vec, int smem_bytes) {
+  int tile_m, tile_n;
+  raster(blockIdx.x, n_mtiles, (N + GM_BN - 1) / GM_BN, &tile_m, &tile_n);
+  const int* tile = tiles + 3 * tile_m;
+  const int e = tile[0], r0 = tile[1], end = tile[2];
+  const long long KB = (K + 127) / 128, NB = (N + 127) / 128;
+  gemm_wgmma_tile(x8, sx, w8 + e * (long long)N * K, sw + e * NB * KB, y, r0, end, tile_n, N, K, vec, smem_bytes);
 }

@@ -17,6 +17,16 @@ float dtype or bf16 bits and quantises from float32, as the kernels do.
 
 GPU kernels: T <= 16 (decode) a weight-streaming mma.sync GEMV; larger T a wgmma GEMM on Hopper (sm_90a),
 and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens. bench/kernels.py fp8gemm times them.
+
+fp8_grouped_linear is the same product for a mixture of experts: rows sorted by expert, the experts' weights
+stacked [E, N, K], group e = rows offsets[e] .. offsets[e+1] - 1 multiplied by expert e's weight:
+
+    y[offsets[e]:offsets[e+1]] = fp8_linear(x[offsets[e]:offsets[e+1]], w8[e], w_scale[e])
+
+On the GPU the activations are quantised once for all rows, then one launch runs every group: the kernels
+above with a table of (expert, first row, group end) tiles in place of their token-tile index, the GEMV when
+no group has more than 16 rows (decode: each used expert's weight streamed once), else the wgmma GEMM.
+bench/kernels.py grouped times it against a loop over experts.
 """
 
 import numpy as np
@@ -125,7 +135,7 @@ def _module():
 @per_device
 def _function(name):
     f = _module()[0].get_function(name)
-    return with_dynamic_smem(f, GM_SMEM) if name == "fp8_gemm_wgmma" else f
+    return with_dynamic_smem(f, GM_SMEM) if name.endswith("gemm_wgmma") else f
 
 
 @per_device
@@ -157,12 +167,18 @@ def plan(T, N, K, wgmma, num_sms=132, splits=None):
         return "fp8_gemm_wgmma", (-(-N // GM_TILE) * -(-T // GM_TILE), 1, 1), (256,), GM_SMEM, 1
     row_tiles, tok_tiles = -(-N // GV_ROWS), -(-T // GV_TOKENS)
     check(tok_tiles <= 65535, f"fp8_gemm: T = {T} tokens, the GEMV grid allows {65535 * GV_TOKENS}")
-    if splits is None:  # a narrow layer at decode: also cut K, so that every SM streams some weight
-        ctas, want = row_tiles * tok_tiles, 2 * num_sms
-        splits = 1 if ctas >= want else min(-(-want // ctas), max(1, KB // GV_PHASES))
-    splits = int(max(1, min(splits, KB)))
+    splits = _gemv_splits(row_tiles * tok_tiles, KB, num_sms, splits)
     name = "fp8_gemv_t8" if T <= 8 else "fp8_gemv_t16"
     return name, (row_tiles, splits, tok_tiles), (256,), 0, splits
+
+
+def _gemv_splits(ctas, KB, num_sms, splits=None):
+    """K splits of a GEMV launch of `ctas` CTAs per split (None: chosen). A narrow layer at decode also cuts
+    K, so that every SM streams some weight."""
+    if splits is None:
+        want = 2 * num_sms
+        splits = 1 if ctas >= want else min(-(-want // ctas), max(1, KB // GV_PHASES))
+    return int(max(1, min(splits, KB)))
 
 
 def _activation_bits(x):
@@ -248,6 +264,152 @@ def fp8_linear_gpu(x, w8, w_scale, *, out=None, path=None):
     return fp8_gemm_gpu(x8, sx, w8, w_scale, out=out, path=path).reshape(lead + (N,))
 
 
+# --- Grouped products: rows sorted by expert, one weight per expert ------------------------------------
+
+def _stacked_dims(w8, w_scale):
+    """(E, N, K, KB) of stacked FP8 weights after checking that their scales match them."""
+    check(getattr(w8, "ndim", None) == 3,
+          f"w8: expected a 3-D [E, N, K] array of e4m3 bits (the experts stacked), got shape {getattr(w8, 'shape', None)}")
+    check(w8.dtype == np.uint8, f"w8: dtype {w8.dtype}, expected uint8 (e4m3 bit patterns)")
+    E, N, K = w8.shape
+    check(E >= 1 and N >= 1 and K >= 1, f"w8: shape {w8.shape}, every dim must be >= 1")
+    KB, NB = -(-K // BLOCK), -(-N // BLOCK)
+    check(getattr(w_scale, "shape", None) is not None and tuple(w_scale.shape) == (E, NB, KB),
+          f"w_scale: shape {getattr(w_scale, 'shape', None)}, expected ({E}, {NB}, {KB}) = (E, ceil(N/128), "
+          f"ceil(K/128)) for w8 of shape {w8.shape}")
+    return E, N, K, KB
+
+
+def group_offsets(offsets, E, R):
+    """The group offsets as a host int64 array [E + 1], checked: 0 first, never decreasing, R last."""
+    o = offsets.get() if is_gpu(offsets) else np.asarray(offsets)
+    check(o.ndim == 1 and o.shape[0] == E + 1, f"offsets: shape {o.shape}, expected ({E + 1},) = (E + 1,) for {E} experts")
+    check(o.dtype.kind in "iu", f"offsets: dtype {o.dtype}, expected integers")
+    o = o.astype(np.int64)
+    check(o[0] == 0, f"offsets[0] = {o[0]}, expected 0 (group 0 starts at row 0)")
+    down = np.flatnonzero(np.diff(o) < 0)
+    if down.size:
+        i = int(down[0])
+        raise ValueError(f"offsets must not decrease: offsets[{i}] = {o[i]} > offsets[{i + 1}] = {o[i + 1]}")
+    check(o[-1] == R, f"offsets[-1] = {o[-1]}, expected R = {R}, the rows of x")
+    return o
+
+
+def group_tiles(offsets, rows):
+    """int32 [n, 3], one row per tile of at most `rows` rows of a group: (expert e, the tile's first row,
+    offsets[e + 1] = the end of e's rows). Experts in order, an expert's tiles in row order, none for an empty
+    group; no tile holds two experts' rows."""
+    offsets = np.asarray(offsets, np.int64)
+    counts = np.diff(offsets)
+    per = -(-counts // rows)                                      # tiles of each expert
+    expert = np.repeat(np.arange(len(counts)), per)
+    first = np.repeat(np.cumsum(per) - per, per)                  # index of the expert's first tile
+    r0 = offsets[expert] + (np.arange(len(expert)) - first) * rows
+    return np.stack([expert, r0, offsets[expert + 1]], axis=1).astype(np.int32)
+
+
+def plan_grouped(offsets, N, K, wgmma, num_sms=132, splits=None):
+    """(kernel name, grid, block, dynamic shared memory, K splits, tile table) of one grouped call on the GPU.
+
+    As plan() picks by T, this picks by the largest group: wgmma tiles of 128 rows when one has more than
+    DECODE_T rows (and wgmma is there), else GEMV tiles of 8 rows (every group <= 8) or 16."""
+    offsets = np.asarray(offsets, np.int64)
+    G = int(np.diff(offsets).max())
+    check(G >= 1 and N >= 1 and K >= 1, f"fp8_grouped_gemm: largest group {G} rows, N = {N}, K = {K}, all must be >= 1")
+    KB = -(-K // BLOCK)
+    if wgmma and G > DECODE_T:
+        tiles = group_tiles(offsets, GM_TILE)
+        ctas = len(tiles) * -(-N // GM_TILE)
+        check(ctas < 2**31, f"fp8_grouped_gemm: {ctas} CTAs, more than a grid holds")
+        return "fp8_grouped_gemm_wgmma", (ctas, 1, 1), (256,), GM_SMEM, 1, tiles
+    rows = 8 if G <= 8 else GV_TOKENS
+    tiles = group_tiles(offsets, rows)
+    check(len(tiles) <= 65535, f"fp8_grouped_gemm: {len(tiles)} tiles of {rows} rows, the GEMV grid allows 65535")
+    row_tiles = -(-N // GV_ROWS)
+    splits = _gemv_splits(row_tiles * len(tiles), KB, num_sms, splits)
+    name = "fp8_grouped_gemv_t8" if rows == 8 else "fp8_grouped_gemv_t16"
+    return name, (row_tiles, splits, len(tiles)), (256,), 0, splits, tiles
+
+
+def fp8_grouped_gemm_reference(x8, sx, w8, w_scale, offsets):
+    """y fp32 [R, N] from quantised rows (x8 [R, KP], sx [R, KB]): fp8_gemm_reference on each group."""
+    xp = xp_of(x8)
+    E, N, K, KB = _stacked_dims(w8, w_scale)
+    R = _check_quantised(x8, sx, K, KB)
+    offsets = group_offsets(offsets, E, R)
+    y = xp.zeros((R, N), np.float32)
+    for e in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[e], offsets[e + 1]
+        y[lo:hi] = fp8_gemm_reference(x8[lo:hi], sx[lo:hi], w8[e], w_scale[e])
+    return y
+
+
+def fp8_grouped_linear_reference(x, w8, w_scale, offsets):
+    """y fp32 [R, N], y[offsets[e]:offsets[e+1]] = fp8_linear_reference of those rows with expert e's weight."""
+    xp = xp_of(x)
+    E, N, K, _ = _stacked_dims(w8, w_scale)
+    check(getattr(x, "ndim", None) == 2 and x.shape[1] == K,
+          f"x: shape {getattr(x, 'shape', None)}, expected [R, K = {K}] (K: the weights' input size)")
+    offsets = group_offsets(offsets, E, x.shape[0])
+    y = xp.zeros((x.shape[0], N), np.float32)
+    for e in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[e], offsets[e + 1]
+        y[lo:hi] = fp8_linear_reference(x[lo:hi], w8[e], w_scale[e])
+    return y
+
+
+def fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, *, out=None, path=None, splits=None):
+    """Launcher for fp8_gemm.cu's grouped kernels. x8 uint8 [R, KP], sx fp32 [R, KB] (rows sorted by expert),
+    w8 uint8 [E, N, K], w_scale fp32 [E, ceil(N/128), KB], offsets ints [E + 1] (host or device) -> y fp32
+    [R, N]. path and splits as fp8_gemm_gpu's."""
+    import cupy as cp
+    check_array(w8, "w8", np.uint8, ndim=3)
+    E, N, K, KB = _stacked_dims(w8, w_scale)
+    check_array(x8, "x8", np.uint8, ndim=2)
+    R = _check_quantised(x8, sx, K, KB)
+    check_array(sx, "sx", np.float32, shape=(R, KB))
+    check_array(w_scale, "w_scale", np.float32, shape=(E, -(-N // BLOCK), KB))
+    check(x8.data.ptr % 16 == 0, "x8: must be 16-byte aligned (its rows are read in 16-byte pieces)")
+    check(R < 2**31, f"x8: {R} rows, the kernels index rows with 32-bit ints")
+    offsets = group_offsets(offsets, E, R)
+    if out is None:
+        out = cp.empty((R, N), np.float32)
+    check_array(out, "out", np.float32, shape=(R, N))
+    if R == 0:
+        return out
+
+    path = path or DEFAULT_PATH
+    check(path in ("auto", "wgmma", "mma"), f"fp8_grouped_gemm: path {path!r}, expected auto, wgmma or mma")
+    has_wgmma = _module()[1]
+    check(path != "wgmma" or has_wgmma, "fp8_grouped_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
+    name, grid, block, smem, nsplit, tiles = plan_grouped(offsets, N, K, has_wgmma and path != "mma", _num_sms(),
+                                                          splits)
+    tiles = cp.asarray(tiles)  # a few KB from the host; freed to CuPy's pool, reused only after this launch
+    vec = np.int32(K % 16 == 0 and w8.data.ptr % 16 == 0)  # then every expert's rows are 16-byte aligned too
+    if name == "fp8_grouped_gemm_wgmma":
+        _function(name)(grid, block, (x8, sx, w8, w_scale, out, tiles, np.int32(len(tiles)), np.int32(N),
+                                      np.int32(K), vec, np.int32(smem)), shared_mem=smem)
+        return out
+    ws, tickets = out, _tickets(1)  # placeholders: a single split never touches them
+    if nsplit > 1:
+        ws = cp.empty((nsplit, R, N), np.float32)
+        tickets = _tickets(grid[0] * grid[2])
+    _function(name)(grid, block, (x8, sx, w8, w_scale, out, ws, tickets, tiles, np.int32(R), np.int32(N),
+                                  np.int32(K), vec))
+    return out
+
+
+def fp8_grouped_linear_gpu(x, w8, w_scale, offsets, *, out=None, path=None):
+    """quantize_activations_gpu over all R rows, then fp8_grouped_gemm_gpu. x [R, K] float32 or bf16 -> y fp32 [R, N]."""
+    check_array(w8, "w8", np.uint8, ndim=3)
+    E, N, K, _ = _stacked_dims(w8, w_scale)
+    check(is_gpu(x), f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
+    check(x.ndim == 2 and x.shape[1] == K, f"x: shape {x.shape}, expected [R, K = {K}] (K: the weights' input size)")
+    offsets = group_offsets(offsets, E, x.shape[0])
+    x8, sx = quantize_activations_gpu(x)
+    return fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, out=out, path=path)
+
+
 # --- Dispatch ---------------------------------------------------------------------------------------
 
 def quantize_activations(x):
@@ -272,6 +434,16 @@ def fp8_linear(x, w8, w_scale, out=None):
         return fp8_linear_gpu(x, w8, w_scale, out=out)
     check(not is_gpu(w8), "w8: a CuPy array, but x is not: keep both on one device")
     return _into(out, fp8_linear_reference(x, w8, w_scale))
+
+
+def fp8_grouped_linear(x, w8, w_scale, offsets, out=None):
+    """y fp32 [R, N] for x [R, K] (rows sorted by expert), stacked FP8 weights w8 [E, N, K] and w_scale
+    [E, ceil(N/128), ceil(K/128)], and offsets [E + 1]: rows offsets[e] .. offsets[e+1] - 1 (maybe none) times
+    expert e's weight, as fp8_linear computes them. One launch for CuPy x, the numpy reference otherwise."""
+    if is_gpu(x):
+        return fp8_grouped_linear_gpu(x, w8, w_scale, offsets, out=out)
+    check(not is_gpu(w8), "w8: a CuPy array, but x is not: keep both on one device")
+    return _into(out, fp8_grouped_linear_reference(x, w8, w_scale, offsets))
 
 
 def _into(out, y):

@@ -1,5 +1,5 @@
-"""FP8 block-scaled linear layer: the reference against an independent computation (CPU), the kernels
-against the reference (GPU)."""
+"""FP8 block-scaled linear layer and its grouped form (a mixture of experts): the references against
+independent computations and the launch plans (CPU), the kernels against the references (GPU)."""
 import os
 import shutil
 import subprocess
@@ -10,8 +10,9 @@ import pytest
 
 from kernels._cuda import HAVE_GPU, KERNEL_DIR
 from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
-from kernels.fp8_gemm import (DECODE_T, GM_SMEM, fp8_gemm_reference, fp8_linear, fp8_linear_reference, plan,
-                              quantize_activations, quantize_activations_reference)
+from kernels.fp8_gemm import (DECODE_T, GM_SMEM, fp8_gemm_reference, fp8_grouped_gemm_reference, fp8_grouped_linear,
+                              fp8_grouped_linear_reference, fp8_linear, fp8_linear_reference, group_tiles, plan,
+                              plan_grouped, quantize_activations, quantize_activations_reference)
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: fp8 GEMM kernel parity runs on the GPU machine")
 
@@ -187,6 +188,131 @@ def test_plans(wgmma):
     assert plan(1, 576, 7168, False, splits=5)[4] == 5 and plan(1, 200, 300, False, splits=9)[4] == 3
 
 
+# --- CPU: grouped products (a mixture of experts) -------------------------------------------------------
+
+# DeepSeek-V3.2's experts: E routed + 1 shared (model.MoE stacks it last, a group of every token), top-8.
+# (N, K): an expert's fused gate_up (2 x 2048 rows) and its down_proj.
+E_ROUTED, TOP_K = 256, 8
+EXPERT_SHAPES = [(4096, 7168), (7168, 2048)]
+
+
+def routing_counts(T, E=E_ROUTED, k=TOP_K, seed=0):
+    """Rows per expert when T tokens each pick k distinct of E experts, the experts unequally popular
+    (log-normal, sigma 0.5: the hottest takes ~3x the mean), then the shared expert's T rows: counts [E + 1]."""
+    rng = np.random.default_rng(seed)
+    keys = rng.gumbel(size=(T, E)) + 0.5 * rng.standard_normal(E)  # Gumbel top-k: draws without replacement
+    chosen = np.argpartition(-keys, k - 1, axis=1)[:, :k]
+    return np.append(np.bincount(chosen.reshape(-1), minlength=E), T)
+
+
+def offsets_of(counts):
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def random_stacked(rng, E, N, K):
+    w = [random_weight(np, rng, N, K) for _ in range(E)]
+    return np.stack([a for a, _ in w]), np.stack([b for _, b in w])
+
+
+# Empty groups first, last and between; one-row groups; a group of 17 (two GEMV tiles of 16), of 128 and 129.
+RAGGED_COUNTS = [[0, 1, 0, 3, 17, 0, 1, 0], [2, 0, 0, 0], [0, 0, 5], [128, 1, 129, 0, 2], [1]]
+
+
+@pytest.mark.parametrize("N,K", [(8, 16), (200, 300), (129, 130), (1, 1), (256, 384)])
+@pytest.mark.parametrize("counts", RAGGED_COUNTS, ids=str)
+def test_grouped_reference_equals_per_expert_linear(counts, N, K):
+    """Each group's rows are exactly fp8_linear of those rows with its expert's weight."""
+    rng = np.random.default_rng(N + K + len(counts))
+    E, R = len(counts), sum(counts)
+    w8, ws = random_stacked(rng, E, N, K)
+    x = random_activations(rng, R, K)
+    offsets = offsets_of(counts)
+    y = fp8_grouped_linear(x, w8, ws, offsets)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == (R, N)
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            assert np.array_equal(y[lo:hi], fp8_linear(x[lo:hi], w8[e], ws[e])), f"expert {e}, rows {lo}:{hi}"
+    x8, sx = quantize_activations(x)  # quantising all rows at once is quantising each group: rows are independent
+    assert np.array_equal(fp8_grouped_gemm_reference(x8, sx, w8, ws, offsets), y)
+    out = np.full((R, N), np.nan, np.float32)
+    assert fp8_grouped_linear(x, w8, ws, offsets, out=out) is out and np.array_equal(out, y)
+
+
+def test_grouped_no_rows():
+    rng = np.random.default_rng(0)
+    w8, ws = random_stacked(rng, 3, 40, 200)
+    y = fp8_grouped_linear(np.zeros((0, 200), np.float32), w8, ws, [0, 0, 0, 0])
+    assert y.shape == (0, 40) and y.dtype == np.float32
+
+
+def test_grouped_bad_inputs_name_the_tensor():
+    rng = np.random.default_rng(1)
+    w8, ws = random_stacked(rng, 3, 200, 300)
+    x = random_activations(rng, 5, 300)
+    with pytest.raises(ValueError, match=r"offsets must not decrease: offsets\[1\] = 3 > offsets\[2\] = 2"):
+        fp8_grouped_linear(x, w8, ws, [0, 3, 2, 5])
+    with pytest.raises(ValueError, match=r"offsets\[-1\] = 4, expected R = 5"):
+        fp8_grouped_linear(x, w8, ws, [0, 1, 2, 4])
+    with pytest.raises(ValueError, match=r"offsets\[0\] = 1, expected 0"):
+        fp8_grouped_linear(x, w8, ws, [1, 1, 2, 5])
+    with pytest.raises(ValueError, match=r"offsets: shape \(3,\), expected \(4,\) = \(E \+ 1,\) for 3 experts"):
+        fp8_grouped_linear(x, w8, ws, [0, 2, 5])
+    with pytest.raises(ValueError, match=r"offsets: dtype float64, expected integers"):
+        fp8_grouped_linear(x, w8, ws, np.array([0, 1, 2, 5], np.float64))
+    with pytest.raises(ValueError, match=r"w8: expected a 3-D \[E, N, K\]"):
+        fp8_grouped_linear(x, w8[0], ws[0], [0, 5])
+    with pytest.raises(ValueError, match=r"w_scale: shape \(3, 2, 2\), expected \(3, 2, 3\)"):
+        fp8_grouped_linear(x, w8, ws[:, :, :2], [0, 1, 2, 5])
+    with pytest.raises(ValueError, match=r"x: shape \(5, 299\), expected \[R, K = 300\]"):
+        fp8_grouped_linear(x[:, :299], w8, ws, [0, 1, 2, 5])
+
+
+def check_tiles(tiles, offsets, rows):
+    """The tile table covers every group's rows once, in order, at most `rows` a tile, none across groups."""
+    assert tiles.dtype == np.int32 and tiles.ndim == 2 and tiles.shape[1] == 3
+    covered = np.zeros(offsets[-1], int)
+    for e, r0, end in tiles.tolist():
+        assert end == offsets[e + 1] and offsets[e] <= r0 < end, (e, r0, end)
+        covered[r0:min(r0 + rows, end)] += 1
+    assert (covered == 1).all()
+    assert (np.diff(tiles[:, 0]) >= 0).all() and (np.diff(tiles[:, 1]) > 0).all()  # experts and rows in order
+
+
+@pytest.mark.parametrize("rows", [8, 16, 128])
+@pytest.mark.parametrize("counts", RAGGED_COUNTS + [[0, 0, 0]], ids=str)
+def test_group_tiles(counts, rows):
+    offsets = offsets_of(counts)
+    tiles = group_tiles(offsets, rows)
+    assert len(tiles) == sum(-(-c // rows) for c in counts)
+    check_tiles(tiles, offsets, rows)
+
+
+@pytest.mark.parametrize("wgmma", [False, True])
+@pytest.mark.parametrize("T", [1, 8, 16, 512, 4096])
+def test_grouped_plans(T, wgmma):
+    """At the released sizes: GEMV tiles while every group fits DECODE_T rows (T <= 16 tokens, whose shared
+    group has T rows), else wgmma tiles of 128; grids within CUDA's limits; the tile table exact."""
+    offsets = offsets_of(routing_counts(T))
+    G = int(np.diff(offsets).max())
+    for N, K in EXPERT_SHAPES:
+        name, grid, block, smem, splits, tiles = plan_grouped(offsets, N, K, wgmma)
+        assert block == (256,) and 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:])
+        if wgmma and G > DECODE_T:
+            assert name == "fp8_grouped_gemm_wgmma" and smem == GM_SMEM and splits == 1
+            assert grid == (len(tiles) * -(-N // 128), 1, 1)
+            check_tiles(tiles, offsets, 128)
+        else:
+            rows = 8 if G <= 8 else 16
+            assert name == f"fp8_grouped_gemv_t{rows}" and smem == 0
+            assert grid == (-(-N // 64), splits, len(tiles)) and 1 <= splits <= -(-K // 128)
+            check_tiles(tiles, offsets, rows)
+    if T <= 8:
+        assert G <= 8  # decode: the shared expert's T rows are the largest group
+    if T == 1:  # one token: its 8 experts and the shared one, one row each, every weight streamed once
+        assert plan_grouped(offsets, 4096, 7168, True)[5].shape == (9, 3)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
 def test_kernel_compiles_without_spills(arch, tmp_path):
@@ -354,3 +480,164 @@ def test_gpu_bad_inputs():
         fp8_gemm_gpu(x8, sx, w8, ws, out=cp.empty((4, 199), np.float32))
     with pytest.raises(ValueError, match="path 'fast'"):
         fp8_gemm_gpu(x8, sx, w8, ws, path="fast")
+
+
+# --- GPU: the grouped kernels against the reference ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def released_experts():
+    """(N, K) -> (w8, w_scale) of E_ROUTED + 1 stacked experts on the GPU, made once (7.5 GB and 3.8 GB)."""
+    made = {}
+
+    def get(N, K):
+        if (N, K) not in made:
+            import cupy as cp
+            rng = cp.random.default_rng(N + K)
+            w8 = cp.empty((E_ROUTED + 1, N, K), np.uint8)
+            ws = cp.empty((E_ROUTED + 1, -(-N // 128), -(-K // 128)), np.float32)
+            for e in range(E_ROUTED + 1):
+                w8[e], ws[e] = random_weight(cp, rng, N, K)
+            made[(N, K)] = w8, ws
+        return made[(N, K)]
+    yield get
+    made.clear()
+    if HAVE_GPU:
+        import cupy as cp
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+def grouped_magnitude(x8, sx, w8, ws, offsets):
+    """magnitude() of each group's rows (as the grouped reference, group by group)."""
+    import cupy as cp
+    mag = cp.zeros((x8.shape[0], w8.shape[1]), np.float64)
+    for e in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[e], offsets[e + 1]
+        mag[lo:hi] = magnitude(x8[lo:hi], sx[lo:hi], w8[e], ws[e])
+    return mag
+
+
+def run_grouped(x8, sx, w8, ws, offsets, path, splits=None, what=""):
+    """The grouped launch into a NaN-poisoned output (every element must be written), checked against the
+    grouped reference with the tolerance of the kernel the plan picks. Returns (y, kernel name)."""
+    import cupy as cp
+    from kernels.fp8_gemm import _module, _num_sms, fp8_grouped_gemm_gpu
+    R, N = x8.shape[0], w8.shape[1]
+    name = plan_grouped(offsets, N, w8.shape[2], _module()[1] and path != "mma", _num_sms(), splits)[0]
+    out = cp.full((R, N), np.nan, np.float32)
+    got = fp8_grouped_gemm_gpu(x8, sx, w8, ws, offsets, out=out, path=path, splits=splits)
+    assert got is out
+    ref = fp8_grouped_gemm_reference(x8, sx, w8, ws, offsets)
+    mag = grouped_magnitude(x8, sx, w8, ws, offsets)
+    assert_close(cp.asnumpy(got), cp.asnumpy(ref), cp.asnumpy(mag), MTOL["wgmma" if name.endswith("wgmma") else "mma"],
+                 f"{name} ({path}) {what}")
+    return got, name
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("N,K", EXPERT_SHAPES)
+@pytest.mark.parametrize("T", [1, 8, 512, 4096])
+def test_grouped_released_shapes(T, N, K, path, released_experts):
+    """256 routed experts + the shared one, T tokens x top-8 (routing_counts): the GEMV for T <= 8, wgmma beyond
+    (on an sm_90 GPU; the mma path runs the GEMV over 16-row tiles at every T)."""
+    if path == "mma" and T == 4096:
+        pytest.skip("the mma.sync fallback re-streams each weight per 16 rows: covered at T = 512")
+    import cupy as cp
+    w8, ws = released_experts(N, K)
+    offsets = offsets_of(routing_counts(T, seed=T))
+    R = int(offsets[-1])
+    rng = cp.random.default_rng(T + N)
+    x8, sx = quantize_activations_reference(random_activations(rng, R, K, cp))
+    _, name = run_grouped(x8, sx, w8, ws, offsets, path, what=f"T={T} R={R} N={N} K={K}")
+    assert name.endswith("wgmma") == (path != "mma" and T > DECODE_T)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("N,K", [(200, 300), (200, 304), (1, 1), (129, 130), (64, 2048)])
+@pytest.mark.parametrize("counts", RAGGED_COUNTS + [[0, 9, 0, 4, 16], [40, 0, 3, 0, 300, 17]], ids=str)
+def test_grouped_ragged_shapes(counts, N, K, path):
+    """Empty groups, one-row groups, groups ending inside a tile; K and N not multiples of 128 (byte loads at
+    K = 300, 130, 1). The largest group picks the kernel: <= 8 rows t8, <= 16 t16, else wgmma (or t16 tiles)."""
+    import cupy as cp
+    rng = cp.random.default_rng(N + K + sum(counts))
+    E, R = len(counts), sum(counts)
+    w = [random_weight(cp, rng, N, K) for _ in range(E)]
+    w8, ws = cp.stack([a for a, _ in w]), cp.stack([b for _, b in w])
+    x8, sx = quantize_activations_reference(random_activations(rng, R, K, cp))
+    run_grouped(x8, sx, w8, ws, offsets_of(counts), path, what=f"counts={counts} N={N} K={K}")
+
+
+@gpu
+@pytest.mark.parametrize("splits", [1, 2, 3, 14, 56])
+def test_grouped_gemv_split_k(splits):
+    """The grouped GEMV's split-K reduction (its ws rows are the group's rows of [splits, R, N]) at every split
+    count, and bit-identical when repeated."""
+    import cupy as cp
+    counts = [1, 0, 3, 2, 0, 1]
+    rng = cp.random.default_rng(11)
+    w = [random_weight(cp, rng, 576, 7168) for _ in counts]
+    w8, ws = cp.stack([a for a, _ in w]), cp.stack([b for _, b in w])
+    x8, sx = quantize_activations_reference(random_activations(rng, sum(counts), 7168, cp))
+    a, _ = run_grouped(x8, sx, w8, ws, offsets_of(counts), "mma", splits=splits, what=f"splits={splits}")
+    b, _ = run_grouped(x8, sx, w8, ws, offsets_of(counts), "mma", splits=splits, what=f"splits={splits} again")
+    assert cp.array_equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("T", [8, 512])
+@pytest.mark.parametrize("path", gpu_paths())
+def test_grouped_repeated_runs_bit_identical(path, T, released_experts):
+    import cupy as cp
+    from kernels.fp8_gemm import fp8_grouped_gemm_gpu
+    w8, ws = released_experts(7168, 2048)
+    offsets = offsets_of(routing_counts(T, seed=1))
+    x8, sx = quantize_activations_reference(random_activations(cp.random.default_rng(3), int(offsets[-1]), 2048, cp))
+    first = fp8_grouped_gemm_gpu(x8, sx, w8, ws, offsets, path=path)
+    for _ in range(3):
+        assert cp.array_equal(fp8_grouped_gemm_gpu(x8, sx, w8, ws, offsets, path=path), first)
+
+
+@gpu
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("counts", [[1, 0, 2, 1], [0, 40, 3, 200]], ids=str)
+def test_grouped_linear_dispatch_end_to_end(counts, bf16):
+    """fp8_grouped_linear on CuPy x: one quantisation of all rows, then the grouped launch; offsets on the host
+    or the device; equal to fp8_linear group by group up to the kernels' tolerance."""
+    import cupy as cp
+    rng = cp.random.default_rng(12)
+    N, K = 1536, 7168
+    w = [random_weight(cp, rng, N, K) for _ in counts]
+    w8, ws = cp.stack([a for a, _ in w]), cp.stack([b for _, b in w])
+    x = random_activations(rng, sum(counts), K, cp)
+    if bf16:
+        u = x.view(np.uint32)
+        x = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    offsets = offsets_of(counts)
+    y = fp8_grouped_linear(x, w8, ws, offsets)
+    assert isinstance(y, cp.ndarray) and y.shape == (sum(counts), N) and y.dtype == np.float32
+    assert cp.array_equal(fp8_grouped_linear(x, w8, ws, cp.asarray(offsets)), y)
+    x8, sx = quantize_activations_reference(x)
+    want = fp8_grouped_linear_reference(x, w8, ws, offsets)
+    assert_close(cp.asnumpy(y), cp.asnumpy(want), cp.asnumpy(grouped_magnitude(x8, sx, w8, ws, offsets)),
+                 MTOL["wgmma"], f"fp8_grouped_linear counts={counts} bf16={bf16}")
+
+
+@gpu
+def test_grouped_gpu_bad_inputs():
+    import cupy as cp
+    from kernels.fp8_gemm import fp8_grouped_gemm_gpu
+    rng = cp.random.default_rng(13)
+    w8, ws = (cp.stack([a, a]) for a in random_weight(cp, rng, 200, 300))
+    x = random_activations(rng, 4, 300, cp)
+    x8, sx = quantize_activations_reference(x)
+    with pytest.raises(ValueError, match="w8: expected a CuPy array"):
+        fp8_grouped_linear(x, cp.asnumpy(w8), cp.asnumpy(ws), [0, 1, 4])
+    with pytest.raises(ValueError, match=r"offsets\[-1\] = 3, expected R = 4"):
+        fp8_grouped_linear(x, w8, ws, [0, 1, 3])
+    with pytest.raises(ValueError, match="w_scale: dtype float64"):
+        fp8_grouped_gemm_gpu(x8, sx, w8, ws.astype(np.float64), [0, 1, 4])
+    with pytest.raises(ValueError, match="out: shape"):
+        fp8_grouped_gemm_gpu(x8, sx, w8, ws, [0, 1, 4], out=cp.empty((4, 199), np.float32))
+    with pytest.raises(ValueError, match="path 'fast'"):
+        fp8_grouped_gemm_gpu(x8, sx, w8, ws, [0, 1, 4], path="fast")

@@ -19,8 +19,10 @@ Arrays the model receives that are not one checkpoint tensor:
   <mlp>.gate_up_proj.weight       gate_proj's rows, then up_proj's, for one product [2F', D]; F' is F
                                   rounded up to whole 128-row scale blocks when kept fp8 (zero rows
                                   between), so each half keeps its own scales; else F' = F.
-  <mlp>.experts.gate_up_proj.weight  every routed expert's gate_up stacked [E, 2F', D], and
-  <mlp>.experts.down_proj.weight     their down_proj [E, D, F]: the operands of a grouped product.
+  <mlp>.experts.gate_up_proj.weight  every routed expert's gate_up stacked, then the shared expert's:
+                                     [E + 1, 2F', D], the shared expert at index E; and
+  <mlp>.experts.down_proj.weight     their down_proj [E + 1, D, F]: the operands of a grouped product
+                                     (the shared expert is a group holding every token, model.MoE).
 Each kept-fp8 array has its `.weight_scale_inv` beside it, built the same way.
 
 Loading streams: tensor by tensor from the memory-mapped shards to the device that owns its layer (fused
@@ -115,16 +117,20 @@ def stage_names(L):
     return ["embed"] + [f"layer {i}" for i in range(L)] + ["norm, lm_head"]
 
 
-def _mlp_target(name):
-    """For an MLP's gate/up/down weight: (model array name, routed expert index or None, which); else None."""
+def _mlp_target(name, E):
+    """For an MLP's gate/up/down weight: (model array name, index in the stacked experts or None, which);
+    else None. Routed expert e goes to index e, the shared expert to E (after the E routed ones)."""
     for which in ("gate", "up", "down"):
         suffix = f"{which}_proj.weight"
         if ".mlp." in name and name.endswith(suffix):
             mlp = name[: -len(suffix)]  # "model.layers.3.mlp." / "...mlp.shared_experts." / "...mlp.experts.17."
-            head, sep, tail = mlp.rpartition(".experts.")  # (".experts." is not in "shared_experts.")
-            expert = int(tail[:-1]) if sep else None
-            if sep:
-                mlp = head + ".experts."
+            expert = None
+            if mlp.endswith(".shared_experts."):
+                mlp, expert = mlp[: -len("shared_experts.")] + "experts.", E
+            else:
+                head, sep, tail = mlp.rpartition(".experts.")  # (".experts." is not in "shared_experts.")
+                if sep:
+                    mlp, expert = head + ".experts.", int(tail[:-1])
             if which == "down" and expert is None:
                 return None  # one tensor as stored
             return mlp + ("down_proj" if which == "down" else "gate_up_proj") + ".weight", expert, which
@@ -136,7 +142,11 @@ def layout(cfg, tensors, mode):
     arrays = {}
 
     def add(name, shape, dtype, stage, part):
-        arrays.setdefault(name, Array(tuple(shape), dtype, stage, [])).parts.append(part)
+        a = arrays.setdefault(name, Array(tuple(shape), dtype, stage, []))
+        if (a.shape, a.dtype) != (tuple(shape), dtype):  # stacked pieces: every expert stored alike
+            raise CheckpointError(f"{part[0]} goes into {name} {list(a.shape)} {np.dtype(a.dtype).name} as "
+                                  f"{list(shape)} {np.dtype(dtype).name}: the tensors stacked there must agree")
+        a.parts.append(part)
 
     for src, (shape, dtype) in tensors.items():
         if src.endswith(".weight_scale_inv"):
@@ -147,14 +157,14 @@ def layout(cfg, tensors, mode):
         how = "raw" if keep else "dequant" if fp8 else "float"
         kind = np.uint8 if keep else np.float32
         sshape, scale = _scale_shape(shape) if fp8 else None, src + "_scale_inv"
-        target = _mlp_target(src)
+        target = _mlp_target(src, cfg.n_routed_experts)
         if target is None:  # an array as stored (or converted)
             add(src, shape, kind, stage, (src, how, ()))
             if keep:
                 add(scale, sshape, np.float32, stage, (scale, "float", ()))
             continue
         name, expert, which = target
-        lead, at = ((), ()) if expert is None else ((cfg.n_routed_experts,), (expert,))
+        lead, at = ((), ()) if expert is None else ((cfg.n_routed_experts + 1,), (expert,))
         if which == "down":  # routed experts' down_proj, stacked
             add(name, lead + shape, kind, stage, (src, how, at))
             if keep:
