@@ -14,11 +14,14 @@ tokens) and of the cache rows read (latent rows of the selected keys, indexer ke
 once. Estimates: they say how far from the machine's rates the layer runs, not where the time goes.
 
     python bench/released.py [--contexts 32768,131072] [--chunk 1024] [--reps 5] [--out bench]
+    python bench/released.py --profile [--contexts 131072]   # where one call of each layer spends its time
 """
 import argparse
+import collections
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -104,12 +107,79 @@ def layer_work(cfg, moe, T, L, mode, experts_touched):
     return flops, weight_bytes + 4 * (C + R) * latent_rows + (Di + 4) * index_rows
 
 
+# What --profile times: each entry's calls are wrapped to synchronise the GPU before and after, so a row is the
+# wall time (GPU work and host time) spent inside it, nested rows included in their parents.
+PROFILED = [(M.Block, "__call__", "layer"), (M.MLA, "__call__", "attention (MLA)"),
+            (M, "linear", "linear (fp8 products)"), (M.Selector, "__call__", "indexer: selection"),
+            (M.Indexer, "__call__", "indexer: q, w, keys"), (M.Indexer, "scores", "indexer: DSA scores"),
+            (M, "topk", "indexer: DSA top-k"), (hisa, "select", "indexer: HISA select"),
+            (M.MLA, "absorbed", "attention core (absorbed)"), (M, "sparse_mla", "sparse MLA kernel"),
+            (cp, "einsum", "einsum (W_uk, W_uv)"), (M.MLP, "__call__", "dense MLP"), (M.MoE, "route", "MoE: route"),
+            (M.MoE, "mix", "MoE: experts"), (M, "rms_norm", "rms_norm"), (M, "rope", "rope"),
+            (M, "fp8_roundtrip", "fp8 round trip (latent)")]
+
+
+class Profile:
+    """Synchronised wall time per entry of PROFILED while active (a profile of one layer call, not a benchmark)."""
+
+    def __init__(self):
+        self.ms, self.calls, self.saved = collections.defaultdict(float), collections.Counter(), []
+
+    def __enter__(self):
+        for owner, attr, label in PROFILED:
+            fn = getattr(owner, attr)
+            self.saved.append((owner, attr, fn))
+            setattr(owner, attr, self.timed(fn, label))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, fn in reversed(self.saved):
+            setattr(owner, attr, fn)
+        self.saved = []
+
+    def timed(self, fn, label):
+        def run(*a, **k):
+            cp.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            cp.cuda.Device().synchronize()
+            self.ms[label] += (time.perf_counter() - t0) * 1e3
+            self.calls[label] += 1
+            return out
+        return run
+
+    def table(self, title, reps):
+        lines = [title, f"{'':<28} {'ms/call':>9} {'calls':>6}"]
+        for _, _, label in PROFILED:
+            if self.calls[label]:
+                lines.append(f"{label:<28} {self.ms[label] / reps:>9.3f} {self.calls[label] // reps:>6}")
+        return "\n".join(lines)
+
+
+def profile_layers(model, cfg, cache, L, chunk, reps=3):
+    """One prefill chunk and one decode step of each layer at context L, timed per part (see PROFILED)."""
+    for mode in ("dsa", "hisa"):
+        sel = M.Selector(cfg, mode, HISA_B, HISA_M)
+        for i, name in ((0, "dense"), (1, "moe")):
+            layer, lc = model.layers[i], cache.layers[i]
+            for phase, T in (("prefill", chunk), ("decode", 1)):
+                start = L - T
+                h = cp.random.standard_normal((T, cfg.hidden_size), dtype=np.float32)
+                cos, sin = (a[start:L] for a in model.rope[layer.device])
+                layer(h, cos, sin, lc, start, sel, "auto")  # warm-up: kernels compiled, memory pool filled
+                with Profile() as prof:
+                    for _ in range(reps):
+                        layer(h, cos, sin, lc, start, sel, "auto")
+                print(prof.table(f"\n{name} layer, {mode}, {phase} ({T} tokens) at context {L}", reps), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--chunk", type=int, default=1024, help="prefill tokens per call")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--profile", action="store_true", help="time the parts of each layer call instead (synchronised)")
     args = ap.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
     card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -125,11 +195,14 @@ def main():
         cache = model.new_cache(L)
         for lc in cache.layers:
             fill_context(cfg, lc, L)
+        for lc in cache.layers:  # HISA's block means of the synthetic context, as the model keeps them
+            lc["index"]["pooled"] = hisa.PooledKeys(lc["index"], HISA_B)
+            lc["index"]["pooled"].update(0, L)
+        if args.profile:
+            profile_layers(model, cfg, cache, L, args.chunk)
+            continue
         for mode in ("dsa", "hisa"):
             sel = M.Selector(cfg, mode, HISA_B, HISA_M)
-            for lc in cache.layers:  # HISA's block means of the synthetic context, as the model keeps them
-                lc["index"]["pooled"] = hisa.PooledKeys(lc["index"], HISA_B)
-                lc["index"]["pooled"].update(0, L)
             for i, name in ((0, "dense"), (1, "moe")):
                 layer, lc = model.layers[i], cache.layers[i]
                 for phase, T in (("prefill", args.chunk), ("decode", 1)):
@@ -150,6 +223,8 @@ def main():
         del cache
         cp.get_default_memory_pool().free_all_blocks()
 
+    if args.profile:
+        return
     print(f"\n{card}: one layer at the released dimensions, FP8 weights; prefill = {args.chunk} tokens at the end "
           f"of the context, decode = 1 token")
     print(f"{'layer':>5} {'context':>7} {'indexer':>7} {'phase':>7} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7}")
