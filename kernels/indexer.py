@@ -122,11 +122,35 @@ def plan(T, N, Hi, Di, fp8, wgmma, num_sms=132, splits=None):
         name = f"index_scores_mma_{mode}" + ("_decode" if small else "")
     qblocks = -(-T // qcta)
     tiles = -(-N // bk)
-    if splits is None:  # few query blocks (decode, short prefill): also cut the key axis
-        want = 4 * num_sms
-        splits = 1 if qblocks >= want else min(-(-want // qblocks), max(1, tiles // 2))
+    if splits is None:
+        splits = key_splits(qblocks, tiles, q_bytes=qcta * Hi * DB, tile_bytes=bk * DB, num_sms=num_sms)
     splits = int(max(1, min(splits, tiles, 65535)))
+    splits = -(-tiles // -(-tiles // splits))  # as make_plan cuts: ceil(tiles / splits) tiles a slice, none empty
     return name, (qblocks, splits), (threads,), smem
+
+
+def key_splits(qblocks, tiles, q_bytes, tile_bytes, num_sms):
+    """CTAs along the key axis: enough to give the GPU about 4 CTAs an SM (two waves at two CTAs an SM) when
+    there are few query blocks, but never so many that a CTA streams fewer key bytes than its q block.
+
+    Every split re-reads the q block (qcta queries x Hi heads x DB bytes), so a CTA should take at least
+    ceil(q_bytes / tile_bytes) key tiles (q traffic at most doubles the k traffic) and at least 2 (the
+    cp.async ring). At the released dims (Hi = 64, Di = 128, fp8, wgmma):
+      prefill blocks: q 4 x 128 columns x 128 B = 64 KB, k tile 64 x 128 B = 8 KB -> >= 8 tiles a CTA
+        HISA block stage at 128K, T = 1024 over N = 1024 pooled keys: 128 query blocks x 16 tiles -> 2
+          splits, 256 CTAs of 8 tiles, one wave at two CTAs an SM. (The 4-CTAs-an-SM target alone would cut
+          528 / 128 -> 5 splits, in fact 4 slices of 4 tiles: 512 CTAs, each loading 64 KB of q for 32 KB of k.)
+        HISA block stage at 32K: N = 256, 4 tiles -> 1 split (128 CTAs of 4 tiles).
+        DSA, T = 1024 over N = 32K..128K: 512..2048 tiles -> 5 splits (100+ tiles a CTA), as before.
+        Full causal prefill: T / 8 >= 528 query blocks -> 1 split, as before.
+      decode blocks (T * Hi <= 64): q 64 columns x 128 B = 8 KB, k tile 128 x 128 B = 16 KB -> >= 2 tiles
+        DSA decode, N = 128K: 1024 tiles -> 512 splits; HISA decode, N = 1024 blocks: 8 tiles -> 4 splits.
+    """
+    want = 4 * num_sms
+    if qblocks >= want:
+        return 1
+    min_tiles = max(2, -(-q_bytes // tile_bytes))
+    return max(1, min(-(-want // qblocks), tiles // min_tiles))
 
 
 def _bf16_bits(a, name):

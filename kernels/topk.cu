@@ -70,6 +70,16 @@
 //                    indices directly.
 // Ordered compaction: each thread holds a group of 4 consecutive elements; groups are laid out in
 // thread order, so an exclusive block scan of per-thread counts gives each element's output slot.
+//
+// Short rows: topk_short(scores, lengths, out, N, k), same contract and arguments as topk_rows without the
+// split-mode ones. For rows of up to a few thousand columns (HISA's top-m over 1024 block scores, its
+// top-k over 8192 candidates) the fast path's sample, candidate buffer and sort cost more than the row:
+// one CTA per row copies the row's keys into shared memory (one read, 0 past L), counts the valid ones,
+// finds thr and need by radix_select over the keys (11 bits a round, three rounds) and writes the chosen
+// columns in column order by the exact path's ordered compaction (select_group), so nothing is sorted.
+// Launch: grid (R), block (THREADS), dynamic shared memory 8512 + 16 ceil(N / 4) bytes (hist, wbuf, misc,
+// keys; 41280 at the launcher's limit N = 8192: under 48 KB, no opt-in). ptxas (sm_90): 29 registers (launch
+// bounds for four CTAs an SM), no spills.
 
 #define THREADS 512
 #define NWARPS (THREADS / 32)
@@ -745,4 +755,55 @@ topk_rows(const float* __restrict__ scores, const int* __restrict__ lengths, int
     for (int i = nsel + tid; i < SN; i += THREADS) sel[i] = 0x7fffffff;
     bitonic_sort(sel, SN);
     for (int i = tid; i < k; i += THREADS) o[i] = i < nsel ? sel[i] : -1;
+}
+
+// Short rows (see the top of the file): the whole row's keys sit in shared memory, so no sample, no
+// candidate buffer and no sort. The dynamic shared memory holds hist, wbuf, misc, then keys[4 ceil(L / 4)].
+extern "C" __global__ void __launch_bounds__(THREADS, 4)
+topk_short(const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ out, int N,
+           int k) {
+    extern __shared__ int4 smem4[];
+    int* hist = reinterpret_cast<int*>(smem4);
+    int* wbuf = hist + NBINS;
+    int* misc = wbuf + 64;
+    unsigned* skey = reinterpret_cast<unsigned*>(misc + 16);  // 16-byte aligned: read as uint4 below
+
+    const int tid = threadIdx.x;
+    const float* x = scores + (long long)blockIdx.x * N;
+    int* o = out + (long long)blockIdx.x * k;
+    const int L = lengths ? imin(imax(lengths[blockIdx.x], 0), N) : N;
+    const int G = (L + 3) >> 2;
+    int par = 0;
+
+    // The keys, 0 (invalid) from L to the end of the last group of 4, and how many are valid.
+    int my_valid = 0;
+    for (int i = tid; i < 4 * G; i += THREADS) {
+        const unsigned key = i < L ? order_key(x[i]) : 0u;
+        skey[i] = key;
+        my_valid += key != 0u;
+    }
+    int valid;
+    block_excl_scan(my_valid, wbuf, par, valid);  // its barrier also publishes skey
+
+    // thr = the k-th largest key, of whose equals the `need` lowest columns are taken. At most k valid keys:
+    // thr = 0 and need = 0 take every valid key (each is > 0).
+    unsigned thr = 0u;
+    int need = 0;
+    if (valid > k) {
+        int above, cnt;
+        thr = radix_select([&](int i, unsigned& v) { v = skey[i]; return v != 0u; }, L, k, 32, 0, hist, misc,
+                           wbuf, par, above, cnt);
+        need = k - above;
+    }
+
+    // Column order: thread tid holds group g0 + tid, so a block scan places every chosen column.
+    int run_gt = 0, run_eq = 0;
+    for (int g0 = 0; g0 < G; g0 += THREADS) {  // block-uniform bound: select_group has a barrier
+        const int g = g0 + tid;
+        const uint4 q = g < G ? reinterpret_cast<const uint4*>(skey)[g] : make_uint4(0u, 0u, 0u, 0u);
+        const unsigned key[4] = {q.x, q.y, q.z, q.w};
+        const int idx[4] = {4 * g, 4 * g + 1, 4 * g + 2, 4 * g + 3};
+        select_group(key, idx, thr, need, o, k, run_gt, run_eq, wbuf, par);
+    }
+    for (int i = imin(valid, k) + tid; i < k; i += THREADS) o[i] = -1;
 }

@@ -1,4 +1,6 @@
-"""Per-row top-k indices, ascending, for the indexers: numpy reference and a threshold-select kernel.
+"""Per-row top-k indices, ascending, for the indexers: numpy reference and two select kernels (topk.cu):
+topk_rows for long rows (a sampled threshold, rows split over CTAs when few), topk_short for rows of at most
+SHORT_N columns (the row in shared memory, one CTA a row).
 
 topk(scores [R, N] fp32, k, lengths=None) -> int32 [R, k]: the columns of each row's k largest valid
 scores (valid: not -inf, not NaN; +inf counts and is largest), in ascending column order, padded with -1
@@ -19,6 +21,11 @@ SAMPLE_G = 2048         # groups of 4 scores in the threshold sample
 SMEM_FIXED = 4 * (NBINS + KMAX + 64 + 16)   # hist, sel, block-scan buffers, misc (bytes)
 CAND_CAP_MAX = 32768
 MIN_SLICE_GROUPS = 2048  # split mode: a CTA streams at least 8192 columns
+# Widest row for topk_short: its keys take 4 bytes a column of shared memory, 41 KB with the histogram at
+# 8192, under the 48 KB that needs no opt-in. It covers HISA's top-m (one score a block: 1024 at 128K) and
+# the unfused token top-k (m*B = 8192 candidates), where topk_rows' sample, candidate buffer (115 KB, two
+# CTAs an SM) and final sort cost more than the row itself.
+SHORT_N = 8192
 _NULL = np.uint64(0)     # a null pointer argument (lengths, split-mode buffers absent)
 _ATTR_SM_COUNT = 16      # cudaDevAttrMultiProcessorCount
 _ATTR_SMEM_PER_SM = 81   # cudaDevAttrMaxSharedMemoryPerMultiprocessor
@@ -49,6 +56,12 @@ def smem_bytes(cap):
     return SMEM_FIXED + max(8 * cap, 16 * SAMPLE_G)
 
 
+def short_smem_bytes(N):
+    """Dynamic shared memory of topk_short: hist, block-scan buffers and misc, then one key a column (rounded
+    up to groups of 4)."""
+    return 4 * (NBINS + 64 + 16) + 16 * (-(-N // 4))
+
+
 def candidate_cap(smem_per_sm, reserved_per_block, optin):
     """The largest candidate buffer (a multiple of 4) with which two CTAs share an SM."""
     per_cta = min(smem_per_sm // 2 - reserved_per_block, optin)
@@ -77,6 +90,13 @@ def _launch_config(device_id):
     return fn, cap, attr(_ATTR_SM_COUNT, device_id)
 
 
+@functools.lru_cache(maxsize=None)
+def _short_kernel(device_id):
+    fn = kernel("topk.cu", "topk_short")
+    fn.preferred_shared_memory_carveout = 100  # four CTAs of up to 41 KB an SM; the row is read once, L1 idle
+    return fn
+
+
 _split_buffers = {}  # (device, stream) -> (gcount, gcand): the kernel leaves gcount zero after each launch
 
 
@@ -92,18 +112,25 @@ def _split_scratch(R, cap):
     return gcount, gcand
 
 
-def topk_gpu(scores, k, lengths=None, *, cand_cap=None, slices=None):
-    """Launcher for topk.cu:topk_rows. scores: CuPy fp32 [R, N] contiguous, 1 <= k <= 2048; lengths: int
-    [R] (CuPy or numpy), entries clamped to [0, N].
+def topk_gpu(scores, k, lengths=None, *, path="auto", cand_cap=None, slices=None):
+    """Launcher for topk.cu. scores: CuPy fp32 [R, N] contiguous, 1 <= k <= 2048; lengths: int [R] (CuPy or
+    numpy), entries clamped to [0, N].
 
-    Rows are split over several CTAs when they are few (decode). cand_cap and slices (tests only) shrink
-    the shared candidate buffer to force the exact path, and set the CTAs per row.
+    path: "auto" takes topk_short for rows of N <= SHORT_N columns and topk_rows otherwise; "short" and
+    "rows" force one (benchmarks, tests). topk_rows splits rows over several CTAs when they are few
+    (decode); cand_cap and slices (tests only, topk_rows only) shrink its shared candidate buffer to force
+    the exact path, and set the CTAs per row.
     """
     import cupy as cp
     check_array(scores, "scores", np.float32, ndim=2)
     R, N = scores.shape
     check(1 <= k <= KMAX, f"topk: k = {k}, the kernel supports 1..{KMAX}")
     check(N <= 2**30, f"topk: rows of {N} scores, the kernel indexes up to 2^30")
+    check(path in ("auto", "short", "rows"), f"topk: path {path!r}, expected auto, short or rows")
+    rows_only = cand_cap is not None or slices is not None
+    short = path == "short" or (path == "auto" and N <= SHORT_N and not rows_only)
+    check(not short or (N <= SHORT_N and not rows_only),
+          f"topk: the short-row kernel takes rows of up to {SHORT_N} columns (here {N}) and no cand_cap/slices")
     if lengths is not None:
         lengths = lengths if is_gpu(lengths) else cp.asarray(np.asarray(lengths))
         check(lengths.dtype.kind in "iu", f"topk: lengths of dtype {lengths.dtype}, expected integers")
@@ -114,6 +141,11 @@ def topk_gpu(scores, k, lengths=None, *, cand_cap=None, slices=None):
         return out
     if N == 0:
         out.fill(-1)
+        return out
+    if short:
+        _short_kernel(cp.cuda.Device().id)((R,), (THREADS,), (scores, _NULL if lengths is None else lengths, out,
+                                                              np.int32(N), np.int32(k)),
+                                           shared_mem=short_smem_bytes(N))
         return out
     fn, cap, n_sm = _launch_config(cp.cuda.Device().id)
     if cand_cap is not None:

@@ -141,6 +141,23 @@ def test_plans_fit_shared_memory(fp8, wgmma):
                 assert ("wgmma" in name) == wgmma and ("fp8" in name) == fp8
 
 
+def test_plan_key_splits():
+    """The key axis is cut to fill an H100/H200 (132 SMs) when query blocks are few, but a CTA keeps at least as
+    many key bytes as q bytes to stream (8 tiles for the fp8 wgmma prefill blocks, 2 for decode)."""
+    splits = lambda T, N, wgmma=True: plan(T, N, 64, 128, True, wgmma, num_sms=132)[1][1]  # noqa: E731
+    assert splits(1024, 1024) == 2            # HISA block stage at 128K: 256 CTAs of 8 tiles (was 5 splits)
+    assert splits(1024, 256) == 1             # at 32K: 4 tiles a query block, not worth re-reading q for
+    assert splits(1024, 32768) == splits(1024, 131072) == 5  # DSA, 1024 queries: the GPU is filled
+    assert splits(131072, 131072) == 1 and splits(8192, 32768) == 1  # prefill: query blocks are enough
+    assert splits(1, 131072) == 512 and splits(1, 1024) == 4       # decode: 2 tiles of 128 keys a CTA
+    assert splits(1024, 1024, wgmma=False) == 3  # mma.sync: 32 KB of q, 4 tiles a CTA at least
+    for T, N in [(1024, 1000), (300, 5000), (5, 70000), (1024, 8192)]:
+        name, (qblocks, s), _, _ = plan(T, N, 64, 128, True, True, num_sms=132)
+        tiles = -(-N // 64)
+        assert s == 1 or -(-tiles // s) >= 8, (T, N, s)  # every CTA of a split streams >= 8 tiles
+        assert -(-tiles // -(-tiles // s)) == s, (T, N, s)  # no CTA without a key tile
+
+
 def test_plan_rejects_unsupported_dims():
     with pytest.raises(ValueError, match="Hi = 12"):
         plan(4, 100, 12, 128, True, False)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kernels._cuda import HAVE_GPU, KERNEL_DIR
-from kernels.topk import SAMPLE_G, candidate_cap, slices_per_row, smem_bytes, topk, topk_reference
+from kernels.topk import SAMPLE_G, SHORT_N, candidate_cap, short_smem_bytes, slices_per_row, smem_bytes, topk, \
+    topk_reference
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: top-k kernel parity runs on the GPU machine")
 inf, nan = np.inf, np.nan
@@ -75,14 +76,18 @@ def test_launch_policy():
     assert slices_per_row(1, 8192, 132) == 1 and slices_per_row(1024, 131072, 132) == 1
     cap = candidate_cap(233472, 1024, 232448)
     assert cap % 4 == 0 and cap >= 8192 and 2 * (smem_bytes(cap) + 1024) <= 233472
+    assert short_smem_bytes(SHORT_N) <= 48 * 1024  # topk_short needs no shared-memory opt-in
+    assert 4 * (short_smem_bytes(SHORT_N) + 1024) <= 233472  # and four CTAs share an SM
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_kernel_compiles_without_spills(tmp_path):
-    res = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", str(tmp_path / "topk.cubin"),
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+def test_kernel_compiles_without_spills(arch, tmp_path):
+    res = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(tmp_path / "topk.cubin"),
                           os.path.join(KERNEL_DIR, "topk.cu")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert re.search(r"0 bytes spill stores, 0 bytes spill loads", res.stderr), res.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    assert len(spills) == 2 and all(a == b == "0" for a, b in spills), res.stderr  # topk_rows and topk_short
 
 
 # --- Kernel (GPU) against the reference ---------------------------------------------------------------
@@ -270,6 +275,50 @@ def test_kernel_unaligned_rows_and_dispatch():
         assert_same(cp.asnumpy(topk(xd, 2048)), topk_reference(x, 2048), f"unaligned N={N}")
         L = np.int32([N - 1, N // 2, 3])
         assert_same(cp.asnumpy(topk(xd, 2048, L)), topk_reference(x, 2048, L), f"unaligned N={N} lengths")
+
+
+# --- The short-row kernel (topk_short) ---------------------------------------------------------------
+
+SHORT_KINDS = ["normal", "five_values", "all_equal", "mostly_neginf", "nan", "many_posinf", "last_bit",
+               "signed_zero", "relu"]
+
+
+@gpu
+@pytest.mark.parametrize("N", [1, 7, 64, 255, 1024, 4096, SHORT_N])
+def test_short_kernel(N):
+    """Widths from 1 to SHORT_N, k from 1 to beyond the width, ties (few distinct values: the lower column
+    wins), -inf and NaN, +inf, lengths shorter than the width (0, 1, half; beyond N is clamped)."""
+    rng = np.random.default_rng(N)
+    L = np.int32([N, 0, 1, N // 2, max(N - 3, 0), N + 5])
+    for kind in SHORT_KINDS:
+        x = rows(rng, kind, len(L), N)
+        for k in sorted({1, 8, 64, 256, min(N, 2048), min(N + 3, 2048)}):
+            assert_same(run_kernel(x, k, path="short"), topk_reference(x, k), f"{kind} N={N} k={k}")
+            assert_same(run_kernel(x, k, L, path="short"), topk_reference(x, k, L), f"{kind} N={N} k={k} lengths")
+
+
+@gpu
+@pytest.mark.parametrize("R,N,k", [(1024, 1024, 64), (1, 1024, 64), (1024, 8192, 2048), (1, 8192, 2048),
+                                   (1024, 4096, 256)])
+def test_short_kernel_many_rows(R, N, k):
+    """HISA-like shapes: block scores with the first and own blocks forced to +inf and -inf past each row's
+    causal end (as index_scores writes them), and the same rows cut by lengths instead; the auto path."""
+    rng = np.random.default_rng(R + N + k)
+    x = rows(rng, "relu", R, N)
+    ends = np.linspace(N // 2, N, R).astype(np.int32)
+    x[np.arange(N)[None, :] >= ends[:, None]] = -inf
+    x[:, 0] = inf
+    x[np.arange(R), ends - 1] = inf
+    want = topk_reference(x, k)
+    assert_same(run_kernel(x, k, path="short"), want, f"R={R} N={N} k={k}")
+    assert_same(run_kernel(x, k), want, f"R={R} N={N} k={k} auto")
+    assert_same(run_kernel(x, k, ends, path="short"), topk_reference(x, k, ends), f"R={R} N={N} k={k} lengths")
+
+
+@gpu
+def test_short_kernel_refuses_wide_rows():
+    with pytest.raises(ValueError, match="short-row kernel"):
+        run_kernel(np.zeros((1, SHORT_N + 1), np.float32), 8, path="short")
 
 
 @gpu
