@@ -282,3 +282,355 @@ extern "C" __global__ void sparse_mla_combine(const float* __restrict__ part_o, 
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
     reinterpret_cast<float4*>(out + th * DC)[dq] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
 }
+
+// ====================================================================================================
+// Tensor-core variant, numerics "bf16": sparse_mla_attend_tc
+// ====================================================================================================
+// Same contract, arguments and outputs as sparse_mla_attend (out, or part_o / part_ml for
+// sparse_mla_combine; padding skipped, an empty query gets o = 0), other numerics: q_abs, q_pe, c_kv and
+// k_pe are rounded to bf16 (nearest even) as they enter shared memory, and both products run on
+// mma.sync m16n8k16 (bf16 in, fp32 accumulate); the softmax (max, rescale, sum) is fp32.
+// P is NOT rounded to bf16 (FlashMLA does round it): each unnormalised probability p = exp(s - m) goes
+// in as two bf16 parts, hi = bf16(p) and lo = bf16(p - hi), two mma with the same V fragment, so P V
+// carries p to ~2^-17 relative. Reason: in the model's fp8 precision every linear layer re-quantises its
+// input to e4m3, which turns a 1e-3 change of the attention output into percent-level logit changes;
+// bf16 P alone moved the small test model's logits by 8% from the reference (CPU emulation), while with
+// the split this kernel, the fp32 kernel and the numpy reference agree at fp32 level on bf16 inputs.
+//
+// Compile-time: SM_DC, SM_R as above (the launcher asks Dc % 128 == 0, (Dc + R) % 16 == 0, R % 4 == 0),
+//   SM_TC_HG heads per CTA (16, 32, 48 or 64); TC_NT = 4 * SM_TC_HG threads.
+// Launch sparse_mla_attend_tc: grid (T, ceil(H / TC_HG), nsplit), TC_NT threads, dynamic smem
+// TC_SMEM_BYTES (191,232 B at Dc 512, R 64, HG 64). Head rows past H are zero queries, never stored.
+//
+// Work split. The CTA's heads form TC_HG/16 m16 tiles; each tile belongs to a pair of warps (mt, j), j = 0, 1.
+// Per chunk of TC_NC = 32 selected rows, warp (mt, j)
+//   S  scores its 16 heads against keys 16j .. 16j+15 of the chunk: 2 n8 tiles, (Dc+R)/16 k16 steps;
+//   O  accumulates its 16 heads x latent columns [j*Dc/2, (j+1)*Dc/2) over all 32 keys of the chunk.
+// So no score is computed twice, and O takes 16 x Dc/2 fp32 = Dc/4 registers a thread (128 at Dc 512; a
+// warp holding all 512 columns would need 256). The pair swaps per-head maxima, then partial sums and
+// its P fragments (16 heads x 16 keys, bf16 hi and lo) through shared memory, with two named barriers
+// (bar.sync 1 + mt, 64 threads) per chunk; both warps then hold the same running max m and sum l.
+// FA2-style: a warp's S accumulator fragments are, once converted, exactly the A fragments of P for its
+// 16 keys (m16n8k16 C and A layouts line up), so its own P never leaves registers.
+//
+// Pipeline per chunk c:  wait for chunk c's cp.async (fp32 rows c_kv || k_pe into the staging buffer) |
+// __syncthreads | convert staging -> bf16 key tile | __syncthreads | cp.async chunk c+1 into the staging
+// buffer | S, softmax, P V from the bf16 tile (the gather of c+1 overlaps the math of c).
+// Shared memory: q bf16 [TC_HG][TC_DP], key tile bf16 [TC_NC][TC_DP], staging f32 [TC_NC][D], P fragments
+// uint4 [TC_HG/16][2 halves][hi, lo][32 lanes], max and sum f32 [TC_HG/16][2][16] each, positions int [2][TC_NC]. The bf16 row
+// pitch TC_DP = D + 8 is an odd number of 16-byte units, so the 8 row addresses of an ldmatrix (8
+// consecutive rows, same column) fall in 8 different 16-byte bank groups: no bank conflicts.
+
+#ifndef SM_TC_HG
+#define SM_TC_HG 64
+#endif
+
+constexpr int TC_HG = SM_TC_HG;         // heads per CTA
+constexpr int TC_MT = TC_HG / 16;       // m16 head tiles = warp pairs
+constexpr int TC_NT = 64 * TC_MT;       // threads
+constexpr int TC_NC = 32;               // selected rows per chunk
+constexpr int TC_DP = D + 8;            // bf16 row pitch of the q and key tiles, in elements
+constexpr int TC_DV = DC / 2;           // latent columns of O per warp
+constexpr int TC_NO = TC_DV / 8;        // n8 tiles of O per warp
+static_assert(TC_HG % 16 == 0 && TC_HG >= 16 && TC_HG <= 64, "TC_HG: 16, 32, 48 or 64 heads");
+static_assert(D % 16 == 0 && TC_DV % 16 == 0, "Dc + R must be a multiple of 16, Dc of 32");
+static_assert((TC_DP * 2 / 16) % 2 == 1, "row pitch: an odd number of 16-byte units");
+
+constexpr int TC_Q_BYTES = TC_HG * TC_DP * 2;
+constexpr int TC_KV_BYTES = TC_NC * TC_DP * 2;
+constexpr int TC_STAGE_BYTES = TC_NC * D * 4;
+constexpr int TC_P_BYTES = TC_MT * 2 * 2 * 32 * 16;
+constexpr int TC_RED_BYTES = TC_MT * 2 * 16 * 4;  // one of max, sum
+constexpr int TC_SMEM_BYTES = TC_Q_BYTES + TC_KV_BYTES + TC_STAGE_BYTES + TC_P_BYTES + 2 * TC_RED_BYTES + 2 * TC_NC * 4;
+
+typedef unsigned short bf16_t;  // bf16 bit pattern
+
+__device__ __forceinline__ unsigned int smem_u32(const void* p) {
+    unsigned int s;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
+    return s;
+}
+
+// (lo, hi) -> bf16x2, each rounded to nearest even: lo in bits 0..15 (the lower-index element of a
+// fragment pair), hi in bits 16..31.
+__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ float bf16_lo(unsigned int v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int v) { return __uint_as_float(v & 0xffff0000u); }
+
+// (p0, p1) as bf16x2 hi + lo: hi = bf16(p), lo = bf16(p - hi) (p - hi is exact in fp32); |p - hi - lo|
+// <= 2^-9 |p - hi| <= 2^-18 |p|.
+__device__ __forceinline__ void split_bf16(float p0, float p1, unsigned int& hi, unsigned int& lo) {
+    hi = pack_bf16(p0, p1);
+    lo = pack_bf16(p0 - bf16_lo(hi), p1 - bf16_hi(hi));
+}
+
+// Fragment layouts of mma.m16n8k16 (bf16), lane = 4g + q:
+//   A 16x16 row-major:  a[0] = A[g][2q, 2q+1]    a[1] = A[g+8][2q, 2q+1]
+//                       a[2] = A[g][2q+8, 2q+9]  a[3] = A[g+8][2q+8, 2q+9]
+//   B 16x8 (k x n):     b0 = B[2q, 2q+1][g]      b1 = B[2q+8, 2q+9][g]
+//   C/D 16x8 fp32:      d[0], d[1] = D[g][2q, 2q+1]    d[2], d[3] = D[g+8][2q, 2q+1]
+// (lower element index in the low 16 bits of each register.)
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ldmatrix x4: lane l gives the shared address of row (l & 7) of 8x8 bf16 matrix (l >> 3) (16 contiguous
+// bytes); register i receives matrix i as: lane 4g + q holds row g, columns 2q, 2q+1. With .trans the
+// matrix is transposed first: lane 4g + q holds rows 2q, 2q+1 of column g.
+__device__ __forceinline__ void ldsm_x4(unsigned int* r, unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned int* r, unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// The two warps of head tile mt meet (named barrier 1 + mt; 0 is __syncthreads).
+__device__ __forceinline__ void pair_sync(int mt) {
+    asm volatile("bar.sync %0, 64;" ::"r"(1 + mt) : "memory");
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// exp2(s - m), 0 while no valid key has been seen (m = -inf).
+__device__ __forceinline__ float prob(float s, float m) { return m == neg_inf() ? 0.0f : exp2f(s - m); }
+
+extern "C" __global__ void __launch_bounds__(TC_NT, 1)
+sparse_mla_attend_tc(const float* __restrict__ q_abs, const float* __restrict__ q_pe,
+                     const float* __restrict__ c_kv, const float* __restrict__ k_pe,
+                     const int* __restrict__ idx, float* __restrict__ out,
+                     float* __restrict__ part_o, float* __restrict__ part_ml,
+                     int H, int K, int cap, int chunks_per_split, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_tc[];
+    bf16_t* s_q = reinterpret_cast<bf16_t*>(smem_tc);                                 // [TC_HG][TC_DP]
+    bf16_t* s_kv = reinterpret_cast<bf16_t*>(smem_tc + TC_Q_BYTES);                   // [TC_NC][TC_DP]
+    float* s_stage = reinterpret_cast<float*>(smem_tc + TC_Q_BYTES + TC_KV_BYTES);    // [TC_NC][D]
+    uint4* s_P = reinterpret_cast<uint4*>(smem_tc + TC_Q_BYTES + TC_KV_BYTES + TC_STAGE_BYTES);  // [MT][2][2][32]
+    float* s_max = reinterpret_cast<float*>(s_P + TC_MT * 2 * 2 * 32);               // [MT][2][16]
+    float* s_sum = s_max + TC_MT * 2 * 16;                                            // [MT][2][16]
+    int* s_pos = reinterpret_cast<int*>(s_sum + TC_MT * 2 * 16);                      // [2][TC_NC]
+
+    unsigned int dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (dyn_smem < (unsigned int)TC_SMEM_BYTES) __trap();  // launcher and kernel disagree on the layout
+
+    const int t = blockIdx.x, h0 = blockIdx.y * TC_HG, split = blockIdx.z, nsplit = gridDim.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, q = lane & 3;       // fragment coordinates
+    const int mt = warp >> 1, j = warp & 1;      // head tile, half (keys in S, latent columns in O)
+    const int k_begin = split * chunks_per_split * TC_NC;
+    const int k_end = imin(K, k_begin + chunks_per_split * TC_NC);
+    const int nchunks = k_end > k_begin ? (k_end - k_begin + TC_NC - 1) / TC_NC : 0;
+    const int* idx_t = idx + (long long)t * K;
+    const float scale_log2 = scale * 1.4426950408889634f;  // p = 2^(s log2 e - m): exp2 is one instruction
+
+    // q rows [q_abs || q_pe] as bf16, zero past head H; 4 floats -> 8 bytes per step.
+    for (int e = tid; e < TC_HG * D4; e += TC_NT) {
+        const int h = e / D4, f = e % D4;
+        const long long th = (long long)t * H + h0 + h;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (h0 + h < H)
+            v = f < DC4 ? reinterpret_cast<const float4*>(q_abs + th * DC)[f]
+                        : reinterpret_cast<const float4*>(q_pe + th * R)[f - DC4];
+        *reinterpret_cast<uint2*>(s_q + h * TC_DP + 4 * f) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+    }
+    if (tid < TC_NC) s_pos[tid] = row_position(idx_t, k_begin + tid, k_end, cap);
+    int pos_ahead = tid < TC_NC ? row_position(idx_t, k_begin + TC_NC + tid, k_end, cap) : -1;  // chunk c+1
+    __syncthreads();
+
+    // Gather of the chunk whose positions are pos: fp32 rows into the staging buffer, padding zero-filled.
+    auto load_chunk = [&](const int* pos) {
+        for (int e = tid; e < TC_NC * D4; e += TC_NT) {
+            const int i = e / D4, f = e % D4;
+            const int p = pos[i];
+            const float* src = p < 0 ? c_kv
+                             : f < DC4 ? c_kv + (long long)p * DC + 4 * f
+                                       : k_pe + (long long)p * R + 4 * (f - DC4);
+            cp_async16(s_stage + i * D + 4 * f, src, p >= 0 ? 16 : 0);
+        }
+    };
+    if (nchunks > 0) load_chunk(s_pos);
+    cp_async_commit();
+
+    // Per-lane ldmatrix row addresses (see the fragment layouts above); r8 = row within an 8x8 matrix,
+    // mi = which of the four matrices this lane addresses.
+    const int r8 = lane & 7, mi = lane >> 3;
+    // A = q tile mt: matrices (heads 0-7, k 0-7), (heads 8-15, k 0-7), (0-7, k 8-15), (8-15, k 8-15).
+    const unsigned int a_addr = smem_u32(s_q + (16 * mt + r8 + 8 * (mi & 1)) * TC_DP + 8 * (mi >> 1));
+    // S's B = K^T for keys 16j..: matrices (keys 0-7, dims 0-7) = b0 and (keys 0-7, dims 8-15) = b1 of the
+    // first n8 tile, (keys 8-15, dims 0-7), (keys 8-15, dims 8-15) of the second; rows = keys, no transpose.
+    const unsigned int bs_addr = smem_u32(s_kv + (16 * j + r8 + 8 * (mi >> 1)) * TC_DP + 8 * (mi & 1));
+    // O's B = V (keys x latent columns), transposed on load: matrices (keys 0-7, cols 0-7) = b0 and
+    // (keys 8-15, cols 0-7) = b1 of the first n8 tile, (keys 0-7, cols 8-15), (keys 8-15, cols 8-15) of
+    // the second. v_own covers the keys this warp scored, v_other its partner's.
+    const int v_off = (r8 + 8 * (mi & 1)) * TC_DP + j * TC_DV + 8 * (mi >> 1);
+    const unsigned int v_own = smem_u32(s_kv + 16 * j * TC_DP + v_off);
+    const unsigned int v_other = smem_u32(s_kv + 16 * (1 - j) * TC_DP + v_off);
+
+    float o[TC_NO][4];
+#pragma unroll
+    for (int n = 0; n < TC_NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_g = neg_inf(), m_g8 = neg_inf();  // running max (log2 domain) of heads g and g+8 of tile mt
+    float l_g = 0.0f, l_g8 = 0.0f;            // running sum of p
+
+    float* red_max = s_max + mt * 32;          // [2][16]: per half, the maximum of each head
+    float* red_sum = s_sum + mt * 32;
+
+    for (int c = 0; c < nchunks; ++c) {
+        cp_async_wait_all();
+        __syncthreads();  // chunk c is staged; every warp is done with the key tile of chunk c-1
+        for (int e = tid; e < TC_NC * D4; e += TC_NT) {
+            const int i = e / D4, f = e % D4;
+            const float4 v = reinterpret_cast<const float4*>(s_stage)[e];
+            *reinterpret_cast<uint2*>(s_kv + i * TC_DP + 4 * f) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+        }
+        if (tid < TC_NC) s_pos[((c + 1) & 1) * TC_NC + tid] = pos_ahead;  // chunk c-1's slot: read before the barrier above
+        __syncthreads();  // key tile of chunk c ready, staging buffer free, positions of chunk c+1 ready
+        if (c + 1 < nchunks) load_chunk(s_pos + ((c + 1) & 1) * TC_NC);
+        cp_async_commit();
+        pos_ahead = tid < TC_NC ? row_position(idx_t, k_begin + (c + 2) * TC_NC + tid, k_end, cap) : -1;
+        const int* pos = s_pos + (c & 1) * TC_NC;
+
+        // S = q K^T: 16 heads x 16 keys; even and odd k steps in separate accumulators (two more
+        // independent mma chains to hide latency).
+        float acc[2][2][4];
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) acc[u][n][0] = acc[u][n][1] = acc[u][n][2] = acc[u][n][3] = 0.0f;
+#pragma unroll 2
+        for (int ks = 0; ks < D / 16; ++ks) {
+            unsigned int a[4], b[4];
+            ldsm_x4(a, a_addr + ks * 32);
+            ldsm_x4(b, bs_addr + ks * 32);
+            mma_bf16(acc[ks & 1][0], a, b[0], b[1]);
+            mma_bf16(acc[ks & 1][1], a, b[2], b[3]);
+        }
+        // Scaled scores; a padding key (column 2q+e of n8 tile n) is -inf for both heads g and g+8.
+        float sc[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const bool valid = pos[16 * j + 8 * n + 2 * q + e] >= 0;
+                sc[n][e] = valid ? (acc[0][n][e] + acc[1][n][e]) * scale_log2 : neg_inf();
+                sc[n][2 + e] = valid ? (acc[0][n][2 + e] + acc[1][n][2 + e]) * scale_log2 : neg_inf();
+            }
+
+        // Online softmax over the pair's 32 keys: the new max of heads g and g+8.
+        const float mx_g = quad_max(fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1])));
+        const float mx_g8 = quad_max(fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3])));
+        if (q == 0) {
+            red_max[16 * j + g] = mx_g;
+            red_max[16 * j + g + 8] = mx_g8;
+        }
+        pair_sync(mt);
+        const float mn_g = fmaxf(m_g, fmaxf(red_max[g], red_max[16 + g]));
+        const float mn_g8 = fmaxf(m_g8, fmaxf(red_max[g + 8], red_max[16 + g + 8]));
+        const float corr_g = mn_g == neg_inf() ? 1.0f : exp2f(m_g - mn_g);
+        const float corr_g8 = mn_g8 == neg_inf() ? 1.0f : exp2f(m_g8 - mn_g8);
+        m_g = mn_g;
+        m_g8 = mn_g8;
+
+        // P as the A fragments (hi and lo parts) of this warp's 16 keys: the C layout of its two n8 tiles.
+        float p[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            p[n][0] = prob(sc[n][0], mn_g), p[n][1] = prob(sc[n][1], mn_g);
+            p[n][2] = prob(sc[n][2], mn_g8), p[n][3] = prob(sc[n][3], mn_g8);
+        }
+        unsigned int pa_hi[4], pa_lo[4];
+        split_bf16(p[0][0], p[0][1], pa_hi[0], pa_lo[0]);  // heads g,   keys 2q, 2q+1
+        split_bf16(p[0][2], p[0][3], pa_hi[1], pa_lo[1]);  // heads g+8, keys 2q, 2q+1
+        split_bf16(p[1][0], p[1][1], pa_hi[2], pa_lo[2]);  // heads g,   keys 2q+8, 2q+9
+        split_bf16(p[1][2], p[1][3], pa_hi[3], pa_lo[3]);  // heads g+8, keys 2q+8, 2q+9
+        const float sum_g = quad_sum((p[0][0] + p[0][1]) + (p[1][0] + p[1][1]));
+        const float sum_g8 = quad_sum((p[0][2] + p[0][3]) + (p[1][2] + p[1][3]));
+        if (q == 0) {
+            red_sum[16 * j + g] = sum_g;
+            red_sum[16 * j + g + 8] = sum_g8;
+        }
+        uint4* P_own = s_P + (mt * 2 + j) * 64;
+        const uint4* P_other = s_P + (mt * 2 + 1 - j) * 64;
+        P_own[lane] = make_uint4(pa_hi[0], pa_hi[1], pa_hi[2], pa_hi[3]);
+        P_own[32 + lane] = make_uint4(pa_lo[0], pa_lo[1], pa_lo[2], pa_lo[3]);
+        pair_sync(mt);
+        l_g = l_g * corr_g + (red_sum[g] + red_sum[16 + g]);  // half 0 first in both warps: same l
+        l_g8 = l_g8 * corr_g8 + (red_sum[g + 8] + red_sum[16 + g + 8]);
+        const uint4 ph = P_other[lane], pl = P_other[32 + lane];
+        const unsigned int pb_hi[4] = {ph.x, ph.y, ph.z, ph.w}, pb_lo[4] = {pl.x, pl.y, pl.z, pl.w};
+
+        // O = O * corr + P V over this warp's latent columns: own keys (pa), then the partner's (pb);
+        // each V fragment serves the hi and the lo part of P.
+#pragma unroll
+        for (int n = 0; n < TC_NO; ++n) {
+            o[n][0] *= corr_g; o[n][1] *= corr_g;
+            o[n][2] *= corr_g8; o[n][3] *= corr_g8;
+        }
+#pragma unroll
+        for (int n2 = 0; n2 < TC_NO / 2; ++n2) {
+            unsigned int b[4];
+            ldsm_x4_trans(b, v_own + n2 * 32);
+            mma_bf16(o[2 * n2], pa_hi, b[0], b[1]);
+            mma_bf16(o[2 * n2 + 1], pa_hi, b[2], b[3]);
+            mma_bf16(o[2 * n2], pa_lo, b[0], b[1]);
+            mma_bf16(o[2 * n2 + 1], pa_lo, b[2], b[3]);
+            ldsm_x4_trans(b, v_other + n2 * 32);
+            mma_bf16(o[2 * n2], pb_hi, b[0], b[1]);
+            mma_bf16(o[2 * n2 + 1], pb_hi, b[2], b[3]);
+            mma_bf16(o[2 * n2], pb_lo, b[0], b[1]);
+            mma_bf16(o[2 * n2 + 1], pb_lo, b[2], b[3]);
+        }
+    }
+    cp_async_wait_all();
+
+    // Heads g and g+8 of tile mt, latent columns j*Dc/2 + 8n + 2q, 2q+1.
+    const int hg = h0 + 16 * mt + g, hg8 = hg + 8;
+    const int col = j * TC_DV + 2 * q;
+    if (nsplit == 1) {
+        const float inv_g = l_g > 0.0f ? 1.0f / l_g : 0.0f, inv_g8 = l_g8 > 0.0f ? 1.0f / l_g8 : 0.0f;
+        float* out_g = out + ((long long)t * H + hg) * DC + col;
+        float* out_g8 = out + ((long long)t * H + hg8) * DC + col;
+#pragma unroll
+        for (int n = 0; n < TC_NO; ++n) {
+            if (hg < H) *reinterpret_cast<float2*>(out_g + 8 * n) = make_float2(o[n][0] * inv_g, o[n][1] * inv_g);
+            if (hg8 < H) *reinterpret_cast<float2*>(out_g8 + 8 * n) = make_float2(o[n][2] * inv_g8, o[n][3] * inv_g8);
+        }
+    } else {
+        const long long ps = ((long long)t * nsplit + split) * H;
+        float* po_g = part_o + (ps + hg) * DC + col;
+        float* po_g8 = part_o + (ps + hg8) * DC + col;
+#pragma unroll
+        for (int n = 0; n < TC_NO; ++n) {
+            if (hg < H) *reinterpret_cast<float2*>(po_g + 8 * n) = make_float2(o[n][0], o[n][1]);
+            if (hg8 < H) *reinterpret_cast<float2*>(po_g8 + 8 * n) = make_float2(o[n][2], o[n][3]);
+        }
+        // (max, sum) in sparse_mla_combine's units: the max back from the log2 domain to natural log.
+        const float ln2 = 0.6931471805599453f;
+        if (j == 0 && q == 0) {
+            if (hg < H) {
+                part_ml[(ps + hg) * 2] = m_g == neg_inf() ? m_g : m_g * ln2;
+                part_ml[(ps + hg) * 2 + 1] = l_g;
+            }
+            if (hg8 < H) {
+                part_ml[(ps + hg8) * 2] = m_g8 == neg_inf() ? m_g8 : m_g8 * ln2;
+                part_ml[(ps + hg8) * 2 + 1] = l_g8;
+            }
+        }
+    }
+}

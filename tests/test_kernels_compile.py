@@ -26,12 +26,48 @@ def test_no_includes(source):
     assert not includes, f"{os.path.basename(source)}: NVRTC on the GPU machine cannot resolve {includes}"
 
 
-@pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
-def test_compiles_for_sm90(source, tmp_path):
+def compile_report(source, tmp_path, arch, defines=()):
+    """ptxas -v output of one nvcc -cubin build (asserting it builds)."""
     if NVCC is None:
         if os.environ.get("CI"):
             pytest.fail("nvcc not found: CI must compile-check every kernel")
         pytest.skip("nvcc not found on this machine")
-    r = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-std=c++17", "-o", str(tmp_path / "k.cubin"), source],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, f"{os.path.basename(source)} does not compile:\n{r.stderr[-4000:]}"
+    r = subprocess.run([NVCC, "-cubin", *arch, "-std=c++17", "-Xptxas", "-v", *(f"-D{d}" for d in defines),
+                        "-o", str(tmp_path / "k.cubin"), source], capture_output=True, text=True)
+    assert r.returncode == 0, f"{os.path.basename(source)} {defines} does not compile:\n{r.stderr[-4000:]}"
+    return r.stderr
+
+
+def spills(report):
+    """Entry functions whose registers spill to local memory (a stack frame, spill stores or loads)."""
+    bad, name = [], None
+    for line in report.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line) or re.search(r"Function properties for (\w+)", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and any(int(x) for x in m.groups()):
+            bad.append(f"{name}: {line.strip()}")
+    return bad
+
+
+SM90 = ["-arch=sm_90"]
+SM90A = ["-gencode=arch=compute_90a,code=sm_90a"]  # the arch-specific target (wgmma); -arch=sm_90a also runs a plain pass
+
+
+@pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
+def test_compiles_for_sm90(source, tmp_path):
+    report = compile_report(source, tmp_path, SM90)
+    assert not spills(report), spills(report)
+
+
+# The sparse MLA kernels at the sizes the launcher builds: released (Dc 512, R 64) and small (Dc 128, R 16),
+# the tensor-core kernel at each head count per CTA; its O accumulator alone takes Dc/4 registers a thread.
+@pytest.mark.parametrize("arch", [SM90, SM90A], ids=["sm_90", "sm_90a"])
+@pytest.mark.parametrize("defines", [("SM_DC=512", "SM_R=64", "SM_TC_HG=64"), ("SM_DC=512", "SM_R=64", "SM_TC_HG=16"),
+                                     ("SM_DC=128", "SM_R=16", "SM_TC_HG=16"), ("SM_DC=128", "SM_R=64", "SM_TC_HG=48")],
+                         ids=lambda d: "-".join(x.split("=")[1] for x in d))
+def test_sparse_mla_builds_without_spills(arch, defines, tmp_path):
+    source = os.path.join(os.path.dirname(KERNELS[0]), "sparse_mla.cu")
+    report = compile_report(source, tmp_path, arch, defines)
+    assert "sparse_mla_attend_tc" in report and not spills(report), spills(report) or report[-2000:]
