@@ -25,8 +25,7 @@ import numpy as np
 
 import hisa
 from kernels._cuda import HAVE_GPU, device_of, on_device, to_device, xp_of
-from kernels.fp8 import e4m3_encode, fp8_roundtrip, quantize_ue8m0
-from kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
+from kernels.fp8_gemm import fp8_grouped_linear, fp8_linear, fp8_roundtrip_rows, quantize_rows
 from kernels.indexer import index_scores
 from kernels.sparse_mla import sparse_mla
 from kernels.topk import topk
@@ -276,11 +275,9 @@ class Indexer:
         S = start + x.shape[0]
         if self.precision == "fp8":
             # rotate by H (q.k unchanged in exact arithmetic; it spreads outliers before FP8)
-            q8, q_scale = quantize_ue8m0(q @ self.hadamard)                         # (T, Hi, Di), (T, Hi, 1)
-            k8, k_scale = quantize_ue8m0(k @ self.hadamard)                         # (T, Di), (T, 1)
-            cache["k"][start:S] = e4m3_encode(k8)
-            cache["k_scale"][start:S] = k_scale[:, 0]
-            return e4m3_encode(q8), q_scale[..., 0], w
+            q8, q_scale = quantize_rows(q @ self.hadamard)                          # (T, Hi, Di), (T, Hi)
+            cache["k"][start:S], cache["k_scale"][start:S] = quantize_rows(k @ self.hadamard)  # (T, Di), (T,)
+            return q8, q_scale, w
         if xp_of(q) is np:
             cache["k"][start:S] = k
             return q.astype(np.float32), None, w
@@ -328,7 +325,7 @@ class MLA:
         kv = linear(x, self.kv_a_proj)                                                    # (T, C+R)
         c_kv = rms_norm(kv[:, :C], self.kv_a_layernorm, cfg.rms_norm_eps)                 # (T, C)
         if self.precision == "fp8":
-            c_kv = fp8_roundtrip(c_kv, 128)  # what the deployed FP8 latent cache holds
+            c_kv = fp8_roundtrip_rows(c_kv)  # what the deployed FP8 latent cache holds
         cache["c_kv"][start:S] = c_kv
         cache["k_pe"][start:S] = rope(kv[:, C:], cos, sin, interleaved=True)              # (T, R)
 

@@ -116,7 +116,8 @@ PROFILED = [(M.Block, "__call__", "layer"), (M.MLA, "__call__", "attention (MLA)
             (M.MLA, "absorbed", "attention core (absorbed)"), (M, "sparse_mla", "sparse MLA kernel"),
             (cp, "einsum", "einsum (W_uk, W_uv)"), (M.MLP, "__call__", "dense MLP"), (M.MoE, "route", "MoE: route"),
             (M.MoE, "mix", "MoE: experts"), (M, "rms_norm", "rms_norm"), (M, "rope", "rope"),
-            (M, "fp8_roundtrip", "fp8 round trip (latent)")]
+            (M, "fp8_roundtrip_rows", "fp8 round trip (latent)"),
+            (M, "quantize_rows", "fp8 quantise (indexer q, k)")]
 
 
 class Profile:

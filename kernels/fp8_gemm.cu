@@ -23,13 +23,12 @@
 //   quantize_act_f32 / _bf16   x -> x8, sx. One warp per (token, block), 4 channels per lane: amax by
 //       warp shuffles, s = 2^ceil(log2(max(amax, 1e-4) / 448)), x8 = e4m3(clamp(x / s, +-448)) (the
 //       rule of kernels/fp8.py:quantize_ue8m0). Block 256 threads, grid ceil(T * KB / 8).
-//   fp8_gemm_wgmma    prefill (T > 16), sm_90a only. CTA tile 128 tokens x 128 weight rows, 2 warpgroups
-//       (256 threads), one per 64 tokens; K in steps of one 128-block. A 4-deep cp.async ring stages
-//       x and W tiles (128 B rows, 128-byte swizzle); per block each warpgroup issues 4 wgmma
-//       m64n128k32 e4m3 into a fresh accumulator, waits, and promotes it into its fp32 total with
-//       sx[token] * sw. While one warpgroup promotes, the other's MMAs keep the tensor cores busy.
-//       Grid ceil(N / 128) * ceil(T / 128) CTAs (1-D, grouped raster), 1 CTA per SM (~200 registers
-//       a thread), dynamic shared memory 2 * 4 * 16 KB + 1 KB.
+//   fp8_gemm_wgmma    prefill (T > 16), sm_90a only. Persistent and warp-specialised: CTA tiles of 128 tokens
+//       x 128 weight rows; a producer warpgroup streams x and W tiles (128 B rows, 128-byte swizzle) into a
+//       6-slot cp.async ring with mbarriers, two consumer warpgroups (64 tokens each) run 4 wgmma m64n128k32
+//       e4m3 per 128-channel block into a fresh accumulator and promote it into their fp32 totals with
+//       sx[token] * sw, each at its own pace. Grid min(tiles, SMs) CTAs of 384 threads walking the tiles in a
+//       grouped raster, dynamic shared memory 6 * 32 KB + 1 KB + barriers. Details at the kernel.
 //   fp8_gemv_t8 / _t16  decode (T <= 16; and, with grid.z token tiles of 16, the mma.sync fallback for any
 //       T). Memory-bound: the weight is streamed once in 16-byte loads that skip L1. CTA = 8 warps on 64
 //       weight rows: warp w takes rows 32 * (w % 2) .. +31 and every 4th K block starting at w / 2; per
@@ -45,8 +44,8 @@
 //       experts): x8 / sx rows sorted by expert, w8 [E, N, K] and sw [E, ceil(N / 128), KB] stacked, y [R, N].
 //       A table of tiles int [n, 3] = (expert, first row, end of that expert's rows), built by the launcher
 //       with at most 128 (wgmma) or 8 / 16 (GEMV) rows per tile and never two experts' rows in one, takes
-//       the place of the token-tile index: wgmma grid n * ceil(N / 128) (the same raster), GEMV grid
-//       (ceil(N / 64), splits, n). Each CTA offsets w8 and sw to its expert and stops at the group's end.
+//       the place of the token-tile index: wgmma tiles n * ceil(N / 128) (the same raster and grid rule), GEMV
+//       grid (ceil(N / 64), splits, n). Each CTA offsets w8 and sw to its expert and stops at the group's end.
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points.
 
@@ -433,18 +432,56 @@ extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_grouped_gemv_t16
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Prefill GEMM on wgmma (sm_90a only)
+// Prefill GEMM on wgmma (sm_90a only): warp-specialised and persistent
+//
+// Tiling. A CTA tile is 128 tokens x 128 weight rows (so one weight-scale row), K in steps of one 128-channel
+// block. One K block of a tile is two 16 KB operand tiles, 128 rows of 128 bytes each in the wgmma 128-byte
+// swizzle: A = x8[m0 .. m0 + 127, 128 kb ..] and B = w8[n0 .. n0 + 127, 128 kb ..].
+//
+// Roles: 384 threads, 1 CTA per SM.
+//   producer, warpgroup 2 (threads 256..383): fills a ring of GM_STAGES slots, each one K block's A and B
+//     tiles (32 KB), with cp.async: 16 copies of 16 bytes per thread per slot.
+//   consumers, warpgroups 0 and 1 (threads 0..255): warpgroup c owns tokens m0 + 64c .. + 63. Per K block it
+//     issues 4 wgmma m64n128k32 (the 32-byte k steps of the block) into a fresh accumulator d, waits for
+//     them, frees the slot, then promotes d into its fp32 total acc.
+//   No setmaxnreg: a consumer thread needs ~150 registers (acc and d are 64 each), within the 168 that every
+//   thread of a 384-thread CTA gets, and the producer's cut would make its address arithmetic spill.
+// Persistent: grid = min(tiles, SMs); CTA b runs tiles b, b + grid, b + 2 grid, ... of the grouped raster, and
+// all three warpgroups walk that same sequence, so the producer is already fetching the next tile's first
+// blocks while the consumers finish the current one and store it.
+//
+// Pipeline. Slot s has two mbarriers, after the tiles in shared memory:
+//   full[s]  init count 128: each producer thread's cp.async.mbarrier.arrive.noinc arrives once its copies
+//            into the slot have landed. The consumers wait on it.
+//   empty[s] init count 8: lane 0 of each consumer warp arrives after wgmma.wait_group 0, when the MMAs that
+//            read the slot are done. The producer waits on it before refilling the slot.
+//   Producer and consumers step through slots 0, 1, .., GM_STAGES - 1, 0, .. and flip `phase` at each wrap,
+//   so on the n-th use of a slot phase = n & 1: the consumers wait for full's n-th completion (parity n & 1),
+//   the producer for empty's (n-1)-th (parity (n & 1) ^ 1, which a fresh barrier reports complete at once,
+//   so the first GM_STAGES fills do not wait). A slot is refilled only after both consumer warpgroups freed
+//   it, so neither barrier ever runs a phase ahead of its waiters and one parity bit is unambiguous.
+//
+// Promotion. The two consumer warpgroups share the ring but no per-block barrier, so while one scales and
+// adds its 64 x 128 block result (acc += d * sx[token, kb] * sw[n / 128, kb]), the tensor cores run the
+// other's wgmma; its scale loads are issued before its wait on the slot. Numerics as the reference's: a fresh
+// dot per 128-channel block, scaled and added to the fp32 total in K order.
+//
+// Shared memory: GM_STAGES x 32 KB of tiles + 2 x GM_STAGES mbarriers + up to 1 KB to align the ring to the
+// 1024-byte swizzle atom: 193 KB at 6 stages (a CTA may have 227 KB).
 
-#define GM_BM 128     // tokens per CTA (2 warpgroups x 64)
-#define GM_BN 128     // weight rows per CTA: one weight scale row
-#define GM_STAGES 4
+#define GM_BM 128     // tokens per CTA tile (2 consumer warpgroups x 64)
+#define GM_BN 128     // weight rows per CTA tile: one weight scale row
+#define GM_STAGES 6   // ring slots (K blocks in flight)
 #define GM_GROUP 8    // token tiles per raster group
 #define GM_TILE (128 * 128)  // bytes of one 128-row x 128-byte operand tile
-#define GM_SMEM (2 * GM_STAGES * GM_TILE + 1024)  // + worst-case alignment of the base to 1024
+#define GM_CONSUMERS 256     // threads 0..255: two consumer warpgroups
+#define GM_PRODUCERS 128     // threads 256..383: one producer warpgroup
+#define GM_THREADS (GM_CONSUMERS + GM_PRODUCERS)
+#define GM_SMEM (2 * GM_STAGES * GM_TILE + 2 * GM_STAGES * 8 + 1024)  // tiles, mbarriers, alignment slack
 
-// Grouped raster: consecutive CTAs walk GM_GROUP token tiles x every weight tile, so one wave of CTAs
-// reads a few x tiles and a slice of W, each many times, from L2 (row-major order would stream the
-// whole weight once per token tile). CTA `bid` of tiles_m * tiles_n -> (tile_m, tile_n).
+// Grouped raster: consecutive tiles walk GM_GROUP token tiles x every weight tile, so the CTAs working at
+// one time read a few x tiles and a slice of W, each many times, from L2 (row-major order would stream the
+// whole weight once per token tile). Tile `bid` of tiles_m * tiles_n -> (tile_m, tile_n).
 __device__ __forceinline__ void raster(int bid, int tiles_m, int tiles_n, int* tile_m, int* tile_n) {
   const int group = bid / (GM_GROUP * tiles_n), in_group = bid % (GM_GROUP * tiles_n);
   const int group_m = min(tiles_m - group * GM_GROUP, GM_GROUP);
@@ -456,33 +493,61 @@ __device__ __forceinline__ void raster(int bid, int tiles_m, int tiles_n, int* t
 // swizzle (chunk x of row r stored at x ^ (r mod 8); 1024-byte atoms of 8 rows), as in indexer.cu.
 __device__ __forceinline__ int tile_off(int r, int x) { return r * 128 + ((x ^ (r & 7)) << 4); }
 
-// Block kb of rows [row0, row0 + 128) of x8 [T, KP] into a swizzled tile; rows past T are zeros.
+// Block kb of rows [row0, row0 + 128) of x8 [T, KP] into a swizzled tile; rows past T are zeros. Run by the
+// GM_PRODUCERS threads, ptid = 0 .. GM_PRODUCERS - 1; 8 consecutive threads copy one 128-byte row.
 __device__ __forceinline__ void load_x_tile(u32 dst, const u8* __restrict__ x8, int row0, int T, int KP, int kb,
-                                            int tid) {
+                                            int ptid) {
 #pragma unroll
-  for (int it = 0; it < 128 * 8 / 256; ++it) {
-    const int i = tid + it * 256, r = i / 8, x = i % 8;
+  for (int it = 0; it < 128 * 8 / GM_PRODUCERS; ++it) {
+    const int i = ptid + it * GM_PRODUCERS, r = i / 8, x = i % 8;
     const bool ok = row0 + r < T;
     cp_async16(dst + tile_off(r, x), x8 + (ok ? (long long)(row0 + r) * KP + kb * 128 + x * 16 : 0), ok ? 16 : 0);
   }
 }
 
 // Block kb of weight rows [row0, row0 + 128) into a swizzled tile; rows past N and columns past K are zeros.
+// VEC: cp.async only. Else plain loads and st.shared, which the caller must make visible to wgmma itself.
 template <bool VEC>
 __device__ __forceinline__ void load_w_tile(u32 dst, const u8* __restrict__ w8, int row0, int N, int K, int kb,
-                                            int tid) {
+                                            int ptid) {
 #pragma unroll
-  for (int it = 0; it < 128 * 8 / 256; ++it) {
-    const int i = tid + it * 256, r = i / 8, x = i % 8;
+  for (int it = 0; it < 128 * 8 / GM_PRODUCERS; ++it) {
+    const int i = ptid + it * GM_PRODUCERS, r = i / 8, x = i % 8;
     const int col = kb * 128 + x * 16;
     if constexpr (VEC) {
       const bool ok = row0 + r < N && col < K;
       cp_async16(dst + tile_off(r, x), w8 + (ok ? (long long)(row0 + r) * K + col : 0), ok ? 16 : 0);
-    } else {  // unaligned rows: plain loads and stores (fence_proxy_async before the barrier covers them)
+    } else {
       const uint4 v = row0 + r < N ? load_w16<false>(w8 + (long long)(row0 + r) * K, col, K) : zero4();
       st_shared16(dst + tile_off(r, x), v);
     }
   }
+}
+
+// Where tile i of the raster reads and writes: token rows m0 .. min(m0 + 128, end) - 1 (rows of x8, sx and y
+// from `end` on are neither read nor written) times weight rows 128 * tile_n .. + 127 of w8 / sw. Without a
+// tile table, token tile m of a plain product; with one (grouped), its row m = (expert e, first row, end of
+// e's rows), and w8 / sw offset to expert e.
+struct GmTile {
+  const u8* w8;
+  const float* sw;
+  int m0, end, tile_n;
+};
+
+__device__ __forceinline__ GmTile gm_tile(int i, const int* __restrict__ tiles, int tiles_m, int tiles_n,
+                                          const u8* __restrict__ w8, const float* __restrict__ sw, int T, int N,
+                                          int K) {
+  int tile_m;
+  GmTile t;
+  raster(i, tiles_m, tiles_n, &tile_m, &t.tile_n);
+  if (tiles == nullptr) {
+    t.w8 = w8, t.sw = sw, t.m0 = tile_m * GM_BM, t.end = T;
+  } else {
+    const int* row = tiles + 3 * tile_m;
+    const long long e = row[0], KB = (K + 127) / 128, NB = (N + 127) / 128;
+    t.w8 = w8 + e * N * K, t.sw = sw + e * NB * KB, t.m0 = row[1], t.end = row[2];
+  }
+  return t;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -525,71 +590,84 @@ __device__ __forceinline__ void wgmma_fp8_n128(float* d, u64 da, u64 db, int acc
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
-// One CTA tile: tokens m0 .. min(m0 + 128, T) - 1 (T: the end of the tile's tokens, exclusive; the rows
-// of x8, sx and y past it are neither read nor written) x weight rows 128 * tile_n ...
+// mbarriers (64-bit words in shared memory, addressed by their shared-window address).
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// Make the initialised barriers visible to every thread (and to the async proxy) before the __syncthreads.
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// One arrival on bar once every cp.async this thread issued before has landed (.noinc: it counts towards the
+// barrier's init count like an ordinary arrival). Needs no commit group.
+__device__ __forceinline__ void cp_async_mbar_arrive(u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
+  u32 done;
+  asm volatile(
+      "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ u64 globaltimer_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// Until the phase of parity `parity` has completed. A pipeline bug would otherwise hang the GPU silently: a
+// wait of 10 s (no tile takes a millisecond) traps instead.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  if (mbar_try_wait(bar, parity)) return;
+  const u64 t0 = globaltimer_ns();
+  while (!mbar_try_wait(bar, parity))
+    if (globaltimer_ns() - t0 > 10000000000ull) trap();
+}
+
+// The ring in shared memory: GM_STAGES x-tile slots, GM_STAGES weight-tile slots, full[], empty[].
+struct GmRing {
+  u32 a, b, full, empty;
+  __device__ __forceinline__ u32 a_slot(int s) const { return a + s * GM_TILE; }
+  __device__ __forceinline__ u32 b_slot(int s) const { return b + s * GM_TILE; }
+  __device__ __forceinline__ u32 full_bar(int s) const { return full + 8 * s; }
+  __device__ __forceinline__ u32 empty_bar(int s) const { return empty + 8 * s; }
+};
+
+// Producer warpgroup: every K block of every tile of this CTA, in order, into the ring.
 template <bool VEC>
-__device__ __forceinline__ void gemm_wgmma_body(const u8* __restrict__ x8, const float* __restrict__ sx,
-                                                const u8* __restrict__ w8, const float* __restrict__ sw,
-                                                float* __restrict__ y, int m0, int T, int tile_n, int N, int K) {
-  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wv = (tid >> 5) & 3;
-  const int KB = (K + 127) / 128, KP = KB * 128;
-  const int n0 = tile_n * GM_BN;
-  const u32 raw = smem_addr(smem_raw);
-  const u32 base = raw + ((1024 - (raw & 1023)) & 1023);
-  const u32 a_s = base, b_s = base + GM_STAGES * GM_TILE;  // x tiles, then W tiles
-
-  for (int s = 0; s < GM_STAGES - 1; ++s) {
-    if (s < KB) {
-      load_x_tile(a_s + s * GM_TILE, x8, m0, T, KP, s, tid);
-      load_w_tile<VEC>(b_s + s * GM_TILE, w8, n0, N, K, s, tid);
-    }
-    cp_async_commit();
-  }
-
-  // This thread's accumulator rows (tokens) and the weight-scale row of the CTA's 128 weight rows.
-  const int tA = m0 + wg * 64 + wv * 16 + (lane >> 2), tB = tA + 8;
-  const float* sxA = sx + (long long)(tA < T ? tA : 0) * KB;
-  const float* sxB = sx + (long long)(tB < T ? tB : 0) * KB;
-  const float* swrow = sw + (long long)tile_n * KB;
-
-  float acc[64], d[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-
-  for (int kb = 0; kb < KB; ++kb) {
-    cp_async_wait<GM_STAGES - 2>();
-    fence_proxy_async();
-    __syncthreads();  // block kb landed for all; block kb-1's stage is free (its MMAs were waited for)
-    if (kb + GM_STAGES - 1 < KB) {
-      const int s = (kb + GM_STAGES - 1) % GM_STAGES;
-      load_x_tile(a_s + s * GM_TILE, x8, m0, T, KP, kb + GM_STAGES - 1, tid);
-      load_w_tile<VEC>(b_s + s * GM_TILE, w8, n0, N, K, kb + GM_STAGES - 1, tid);
-    }
-    cp_async_commit();
-    // Scales first: their load latency hides behind the MMAs.
-    const float swb = ld_nc(swrow + kb);
-    const float mA = ld_nc(sxA + kb) * swb, mB = ld_nc(sxB + kb) * swb;
-
-    const int s = kb % GM_STAGES;
-    const u32 a_tile = a_s + s * GM_TILE + wg * 64 * 128, b_tile = b_s + s * GM_TILE;
-    fence_regs<64>(d);
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < 4; ++c)  // the 32-byte k steps; the hardware applies the swizzle to +32c
-      wgmma_fp8_n128(d, make_desc(a_tile + 32 * c), make_desc(b_tile + 32 * c), c > 0);
-    wgmma_commit();
-    wgmma_wait0();
-    fence_regs<64>(d);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      acc[4 * j + 0] += d[4 * j + 0] * mA;
-      acc[4 * j + 1] += d[4 * j + 1] * mA;
-      acc[4 * j + 2] += d[4 * j + 2] * mB;
-      acc[4 * j + 3] += d[4 * j + 3] * mB;
+__device__ __forceinline__ void gemm_producer(const GmRing& ring, const u8* __restrict__ x8,
+                                              const u8* __restrict__ w8, const float* __restrict__ sw,
+                                              const int* __restrict__ tiles, int tiles_m, int T, int N, int K) {
+  const int ptid = threadIdx.x - GM_CONSUMERS;
+  const int KB = (K + 127) / 128, KP = KB * 128, tiles_n = (N + GM_BN - 1) / GM_BN;
+  int s = 0;
+  u32 phase = 0;
+  for (int i = blockIdx.x; i < tiles_m * tiles_n; i += gridDim.x) {
+    const GmTile t = gm_tile(i, tiles, tiles_m, tiles_n, w8, sw, T, N, K);
+    for (int kb = 0; kb < KB; ++kb) {
+      mbar_wait(ring.empty_bar(s), phase ^ 1);  // both consumer warpgroups are done with the slot's last use
+      load_x_tile(ring.a_slot(s), x8, t.m0, t.end, KP, kb, ptid);
+      load_w_tile<VEC>(ring.b_slot(s), t.w8, t.tile_n * GM_BN, N, K, kb, ptid);
+      if constexpr (VEC) {
+        cp_async_mbar_arrive(ring.full_bar(s));
+      } else {  // the weight went through st.shared: land the x copies too, then fence both for wgmma
+        cp_async_wait_all();
+        fence_proxy_async();
+        mbar_arrive(ring.full_bar(s));
+      }
+      if (++s == GM_STAGES) s = 0, phase ^= 1;
     }
   }
+  cp_async_wait_all();  // no copy outlives its thread
+}
 
-  // Columns 8j + 2(lane%4) + {0,1} of rows tA and tB.
+// acc (wgmma_fp8_n128's D layout) -> y rows tA, tB (those < end), columns n0 + 8j + 2(lane%4) + {0,1} (< N).
+__device__ __forceinline__ void store_tile(float* __restrict__ y, const float* acc, int tA, int tB, int end, int n0,
+                                           int N, int lane) {
   const bool pairs = (N % 2) == 0;  // then (t * N + n) is even for even n: float2 stores are aligned
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
@@ -597,7 +675,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const u8* __restrict__ x8, const
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int t = h ? tB : tA;
-      if (t >= T) continue;
+      if (t >= end) continue;
       float* p = y + (long long)t * N + n;
       const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
       if (pairs && n + 1 < N) {
@@ -612,45 +690,107 @@ __device__ __forceinline__ void gemm_wgmma_body(const u8* __restrict__ x8, const
   }
 }
 
-// A CTA tile of weight w8 / scales sw, or a trap where wgmma was not built.
-__device__ __forceinline__ void gemm_wgmma_tile(const u8* __restrict__ x8, const float* __restrict__ sx,
-                                                const u8* __restrict__ w8, const float* __restrict__ sw,
-                                                float* __restrict__ y, int m0, int end, int tile_n, int N, int K,
-                                                int vec, int smem_bytes) {
-  if (smem_bytes < GM_SMEM) trap();
-  if (vec)
-    gemm_wgmma_body<true>(x8, sx, w8, sw, y, m0, end, tile_n, N, K);
-  else
-    gemm_wgmma_body<false>(x8, sx, w8, sw, y, m0, end, tile_n, N, K);
+// Consumer warpgroups: the MMAs and promotion of tokens m0 + 64 wg .. + 63 of every tile of this CTA.
+__device__ __forceinline__ void gemm_consumer(const GmRing& ring, const float* __restrict__ sx,
+                                              const u8* __restrict__ w8, const float* __restrict__ sw,
+                                              float* __restrict__ y, const int* __restrict__ tiles, int tiles_m,
+                                              int T, int N, int K) {
+  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wv = (tid >> 5) & 3;
+  const int KB = (K + 127) / 128, tiles_n = (N + GM_BN - 1) / GM_BN;
+  int s = 0;
+  u32 phase = 0;
+  float acc[64], d[64];
+  for (int i = blockIdx.x; i < tiles_m * tiles_n; i += gridDim.x) {
+    const GmTile t = gm_tile(i, tiles, tiles_m, tiles_n, w8, sw, T, N, K);
+    // This thread's accumulator rows (tokens) and the weight-scale row of the tile's 128 weight rows.
+    const int tA = t.m0 + wg * 64 + wv * 16 + (lane >> 2), tB = tA + 8;
+    const float* sxA = sx + (long long)(tA < t.end ? tA : 0) * KB;
+    const float* sxB = sx + (long long)(tB < t.end ? tB : 0) * KB;
+    const float* swrow = t.sw + (long long)t.tile_n * KB;
+#pragma unroll
+    for (int j = 0; j < 64; ++j) acc[j] = 0.f;
+
+    for (int kb = 0; kb < KB; ++kb) {
+      mbar_wait(ring.full_bar(s), phase);
+      // The slot was written through the generic proxy (cp.async) and wgmma reads it through the async one.
+      fence_proxy_async();
+      // The scales are loaded before the MMAs are issued, and used after them: the MMAs hide their latency.
+      const float swb = ld_nc(swrow + kb);
+      const float mA = ld_nc(sxA + kb) * swb, mB = ld_nc(sxB + kb) * swb;
+      const u32 a_tile = ring.a_slot(s) + wg * 64 * 128, b_tile = ring.b_slot(s);
+      fence_regs<64>(d);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < 4; ++c)  // the 32-byte k steps; the hardware applies the swizzle to +32c
+        wgmma_fp8_n128(d, make_desc(a_tile + 32 * c), make_desc(b_tile + 32 * c), c > 0);
+      wgmma_commit();
+      wgmma_wait0();
+      fence_regs<64>(d);
+      if (lane == 0) mbar_arrive(ring.empty_bar(s));  // this warp's reads of the slot are done
+      if (++s == GM_STAGES) s = 0, phase ^= 1;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        acc[4 * j + 0] += d[4 * j + 0] * mA;
+        acc[4 * j + 1] += d[4 * j + 1] * mA;
+        acc[4 * j + 2] += d[4 * j + 2] * mB;
+        acc[4 * j + 3] += d[4 * j + 3] * mB;
+      }
+    }
+    store_tile(y, acc, tA, tB, t.end, t.tile_n * GM_BN, N, lane);
+  }
+}
+
+// The whole prefill kernel, plain (tiles == nullptr: token tiles of T rows) or grouped (tiles_m rows of the
+// tile table); a trap where wgmma was not built.
+__device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx,
+                                           const u8* __restrict__ w8, const float* __restrict__ sw,
+                                           float* __restrict__ y, const int* __restrict__ tiles, int tiles_m, int T,
+                                           int N, int K, int vec, int smem_bytes) {
+  if (smem_bytes < GM_SMEM || blockDim.x != GM_THREADS) trap();
+  const u32 raw = smem_addr(smem_raw);
+  const u32 base = raw + ((1024 - (raw & 1023)) & 1023);
+  GmRing ring;
+  ring.a = base, ring.b = base + GM_STAGES * GM_TILE;
+  ring.full = base + 2 * GM_STAGES * GM_TILE, ring.empty = ring.full + 8 * GM_STAGES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < GM_STAGES; ++s) {
+      mbar_init(ring.full_bar(s), GM_PRODUCERS);
+      mbar_init(ring.empty_bar(s), GM_CONSUMERS / 32);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x >= GM_CONSUMERS) {
+    if (vec)
+      gemm_producer<true>(ring, x8, w8, sw, tiles, tiles_m, T, N, K);
+    else
+      gemm_producer<false>(ring, x8, w8, sw, tiles, tiles_m, T, N, K);
+  } else {
+    gemm_consumer(ring, sx, w8, sw, y, tiles, tiles_m, T, N, K);
+  }
 }
 #else
-__device__ __forceinline__ void gemm_wgmma_tile(const u8*, const float*, const u8*, const float*, float*, int, int,
-                                                int, int, int, int, int) {
+__device__ __forceinline__ void gemm_wgmma(const u8*, const float*, const u8*, const float*, float*, const int*, int,
+                                           int, int, int, int, int) {
   trap();  // wgmma needs sm_90a: launching this elsewhere is a bug
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(256, 1)
+// Grid min(tiles, SMs) x GM_THREADS threads, GM_SMEM bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
     fp8_gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
                    const float* __restrict__ sw, float* __restrict__ y, int T, int N, int K, int vec,
                    int smem_bytes) {
-  int tile_m, tile_n;
-  raster(blockIdx.x, (T + GM_BM - 1) / GM_BM, (N + GM_BN - 1) / GM_BN, &tile_m, &tile_n);
-  gemm_wgmma_tile(x8, sx, w8, sw, y, tile_m * GM_BM, T, tile_n, N, K, vec, smem_bytes);
+  gemm_wgmma(x8, sx, w8, sw, y, nullptr, (T + GM_BM - 1) / GM_BM, T, N, K, vec, smem_bytes);
 }
 
 // Grouped: rows of x8 sorted by expert, w8 [E, N, K] and sw [E, NB, KB] stacked, and n_mtiles token tiles
-// tiles[i] = (expert e, first row r0, end of e's rows): the CTA runs rows r0 .. min(r0 + 128, end) - 1, never
+// tiles[i] = (expert e, first row r0, end of e's rows): a tile runs rows r0 .. min(r0 + 128, end) - 1, never
 // two experts'. The same raster over n_mtiles x ceil(N / 128): an expert's token tiles sit side by side, so
 // where it has several, their CTAs share its weight tiles through L2.
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
     fp8_grouped_gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
                            const float* __restrict__ sw, float* __restrict__ y, const int* __restrict__ tiles,
                            int n_mtiles, int N, int K, int vec, int smem_bytes) {
-  int tile_m, tile_n;
-  raster(blockIdx.x, n_mtiles, (N + GM_BN - 1) / GM_BN, &tile_m, &tile_n);
-  const int* tile = tiles + 3 * tile_m;
-  const int e = tile[0], r0 = tile[1], end = tile[2];
-  const long long KB = (K + 127) / 128, NB = (N + 127) / 128;
-  gemm_wgmma_tile(x8, sx, w8 + e * (long long)N * K, sw + e * NB * KB, y, r0, end, tile_n, N, K, vec, smem_bytes);
+  gemm_wgmma(x8, sx, w8, sw, y, tiles, n_mtiles, 0, N, K, vec, smem_bytes);
 }

@@ -15,8 +15,9 @@ the reference (also the GPU tests' oracle), CuPy arrays to kernels/fp8_gemm.cu. 
 bf16 (uint16 bit patterns, or an ml_dtypes bfloat16 array); y is always float32. The reference takes any
 float dtype or bf16 bits and quantises from float32, as the kernels do.
 
-GPU kernels: T <= 16 (decode) a weight-streaming mma.sync GEMV; larger T a wgmma GEMM on Hopper (sm_90a),
-and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens. bench/kernels.py fp8gemm times them.
+GPU kernels: T <= 16 (decode) a weight-streaming mma.sync GEMV; larger T a persistent, warp-specialised
+wgmma GEMM on Hopper (sm_90a), and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens.
+bench/kernels.py fp8gemm times them.
 
 fp8_grouped_linear is the same product for a mixture of experts: rows sorted by expert, the experts' weights
 stacked [E, N, K], group e = rows offsets[e] .. offsets[e+1] - 1 multiplied by expert e's weight:
@@ -32,15 +33,17 @@ bench/kernels.py grouped times it against a loop over experts.
 import numpy as np
 
 from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, with_dynamic_smem, xp_of
-from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
+from kernels.fp8 import e4m3_decode, e4m3_encode, fp8_roundtrip, quantize_ue8m0
 
 BLOCK = 128       # channels per scale block, both operands
 DECODE_T = 16     # up to this many tokens the GEMV kernel runs (it is memory-bound there)
 GV_ROWS = 64      # weight rows per GEMV CTA          (fp8_gemm.cu GV_ROWS)
 GV_TOKENS = 16    # tokens per GEMV CTA               (2 n8 tiles)
 GV_PHASES = 4     # warps splitting K inside a CTA    (fp8_gemm.cu GV_PHASES)
-GM_TILE = 128     # tokens and weight rows per wgmma CTA
-GM_SMEM = 2 * 4 * 128 * 128 + 1024  # 4 stages of x and W tiles + alignment slack (fp8_gemm.cu GM_SMEM)
+GM_TILE = 128     # tokens and weight rows per wgmma CTA tile
+GM_STAGES = 6     # ring slots of x and W tiles        (fp8_gemm.cu GM_STAGES)
+GM_THREADS = 384  # 2 consumer + 1 producer warpgroup  (fp8_gemm.cu GM_THREADS)
+GM_SMEM = 2 * GM_STAGES * 128 * 128 + 2 * GM_STAGES * 8 + 1024  # tiles, mbarriers, alignment (fp8_gemm.cu GM_SMEM)
 # "auto": wgmma on sm_90 (Hopper) for T > DECODE_T; "mma" forces the GEMV kernel for every T.
 DEFAULT_PATH = "auto"
 
@@ -163,8 +166,9 @@ def plan(T, N, K, wgmma, num_sms=132, splits=None):
     """(kernel name, grid, block, dynamic shared memory, K splits) of one fp8_gemm call on the GPU."""
     check(T >= 1 and N >= 1 and K >= 1, f"fp8_gemm: T = {T}, N = {N}, K = {K}, all must be >= 1")
     KB = -(-K // BLOCK)
-    if wgmma and T > DECODE_T:
-        return "fp8_gemm_wgmma", (-(-N // GM_TILE) * -(-T // GM_TILE), 1, 1), (256,), GM_SMEM, 1
+    if wgmma and T > DECODE_T:  # persistent: at most one CTA per SM, each loops over tiles
+        tiles = -(-N // GM_TILE) * -(-T // GM_TILE)
+        return "fp8_gemm_wgmma", (min(tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 1
     row_tiles, tok_tiles = -(-N // GV_ROWS), -(-T // GV_TOKENS)
     check(tok_tiles <= 65535, f"fp8_gemm: T = {T} tokens, the GEMV grid allows {65535 * GV_TOKENS}")
     splits = _gemv_splits(row_tiles * tok_tiles, KB, num_sms, splits)
@@ -319,9 +323,9 @@ def plan_grouped(offsets, N, K, wgmma, num_sms=132, splits=None):
     KB = -(-K // BLOCK)
     if wgmma and G > DECODE_T:
         tiles = group_tiles(offsets, GM_TILE)
-        ctas = len(tiles) * -(-N // GM_TILE)
-        check(ctas < 2**31, f"fp8_grouped_gemm: {ctas} CTAs, more than a grid holds")
-        return "fp8_grouped_gemm_wgmma", (ctas, 1, 1), (256,), GM_SMEM, 1, tiles
+        n_tiles = len(tiles) * -(-N // GM_TILE)  # CTA tiles, run by a persistent grid of at most one CTA per SM
+        check(n_tiles < 2**31, f"fp8_grouped_gemm: {n_tiles} CTA tiles, more than the kernel's int indices hold")
+        return "fp8_grouped_gemm_wgmma", (min(n_tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 1, tiles
     rows = 8 if G <= 8 else GV_TOKENS
     tiles = group_tiles(offsets, rows)
     check(len(tiles) <= 65535, f"fp8_grouped_gemm: {len(tiles)} tiles of {rows} rows, the GEMV grid allows 65535")
@@ -417,6 +421,33 @@ def quantize_activations(x):
     if is_gpu(x):
         return quantize_activations_gpu(x)
     return quantize_activations_reference(x)
+
+
+def quantize_rows(v):
+    """The indexer's q and k in released FP8 numerics: one ue8m0 scale per row of n <= 128 values (v [..., n])
+    -> (e4m3 bits [..., n], scales [...]). The values of kernels/fp8.py's quantize_ue8m0 + e4m3_encode (the
+    scales bit for bit; a zero may differ in its sign bit), in one launch on the GPU (a row shorter than 128 is
+    zero-padded there, which leaves its amax unchanged)."""
+    n = v.shape[-1]
+    check(n <= BLOCK, f"quantize_rows: rows of {n} values, one scale covers at most {BLOCK}")
+    if not is_gpu(v):
+        v8, s = quantize_ue8m0(v)
+        return e4m3_encode(v8), s[..., 0]
+    import cupy as cp
+    x8, sx = quantize_activations_gpu(v.reshape(-1, n).astype(np.float32, copy=False))
+    return cp.ascontiguousarray(x8[:, :n]).reshape(v.shape), cp.ascontiguousarray(sx[:, 0]).reshape(v.shape[:-1])
+
+
+def fp8_roundtrip_rows(v):
+    """kernels/fp8.py's fp8_roundtrip(v, 128) for v [T, n] (the latent cache's rounding): the same values, from
+    one quantisation launch and a decode on the GPU instead of a chain of elementwise operations."""
+    T, n = v.shape
+    if not is_gpu(v) or (n > BLOCK and n % BLOCK):  # the reference's blocks are min(128, n) wide
+        return fp8_roundtrip(v, BLOCK)
+    x8, sx = quantize_activations_gpu(v.astype(np.float32, copy=False))
+    KB = sx.shape[1]
+    y = e4m3_decode(x8).reshape(T, KB, BLOCK) * sx[..., None]
+    return y.reshape(T, KB * BLOCK)[:, :n]
 
 
 def fp8_gemm(x8, sx, w8, w_scale, out=None):

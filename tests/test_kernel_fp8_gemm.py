@@ -10,9 +10,9 @@ import pytest
 
 from kernels._cuda import HAVE_GPU, KERNEL_DIR
 from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
-from kernels.fp8_gemm import (DECODE_T, GM_SMEM, fp8_gemm_reference, fp8_grouped_gemm_reference, fp8_grouped_linear,
-                              fp8_grouped_linear_reference, fp8_linear, fp8_linear_reference, group_tiles, plan,
-                              plan_grouped, quantize_activations, quantize_activations_reference)
+from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, fp8_gemm_reference, fp8_grouped_gemm_reference,
+                              fp8_grouped_linear, fp8_grouped_linear_reference, fp8_linear, fp8_linear_reference,
+                              group_tiles, plan, plan_grouped, quantize_activations, quantize_activations_reference)
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: fp8 GEMM kernel parity runs on the GPU machine")
 
@@ -176,12 +176,12 @@ def test_plans(wgmma):
             name, grid, block, smem, splits = plan(T, N, K, wgmma)
             KB = -(-K // 128)
             assert all(1 <= g <= 65535 for g in grid[1:]) and 1 <= grid[0] < 2**31, (name, grid)
-            assert 1 <= splits <= KB and block == (256,)
-            if wgmma and T > DECODE_T:
-                assert name == "fp8_gemm_wgmma" and smem == GM_SMEM <= 227 * 1024
-                assert grid == (-(-N // 128) * -(-T // 128), 1, 1)
+            assert 1 <= splits <= KB
+            if wgmma and T > DECODE_T:  # persistent: one CTA per SM at most, never more CTAs than tiles
+                assert name == "fp8_gemm_wgmma" and smem == GM_SMEM <= 227 * 1024 and block == (GM_THREADS,)
+                assert grid == (min(-(-N // 128) * -(-T // 128), 132), 1, 1)
             else:
-                assert name == ("fp8_gemv_t8" if T <= 8 else "fp8_gemv_t16") and smem == 0
+                assert name == ("fp8_gemv_t8" if T <= 8 else "fp8_gemv_t16") and smem == 0 and block == (256,)
                 assert grid[0] * 64 >= N and grid[1] == splits and grid[2] * 16 >= T
     # a narrow layer at decode is cut along K to reach every SM; a wide one is not
     assert plan(1, 576, 7168, False)[4] > 1 and plan(1, 24576, 1536, False)[4] == 1
@@ -297,14 +297,14 @@ def test_grouped_plans(T, wgmma):
     G = int(np.diff(offsets).max())
     for N, K in EXPERT_SHAPES:
         name, grid, block, smem, splits, tiles = plan_grouped(offsets, N, K, wgmma)
-        assert block == (256,) and 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:])
+        assert 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:])
         if wgmma and G > DECODE_T:
-            assert name == "fp8_grouped_gemm_wgmma" and smem == GM_SMEM and splits == 1
-            assert grid == (len(tiles) * -(-N // 128), 1, 1)
+            assert name == "fp8_grouped_gemm_wgmma" and smem == GM_SMEM and splits == 1 and block == (GM_THREADS,)
+            assert grid == (min(len(tiles) * -(-N // 128), 132), 1, 1)
             check_tiles(tiles, offsets, 128)
         else:
             rows = 8 if G <= 8 else 16
-            assert name == f"fp8_grouped_gemv_t{rows}" and smem == 0
+            assert name == f"fp8_grouped_gemv_t{rows}" and smem == 0 and block == (256,)
             assert grid == (-(-N // 64), splits, len(tiles)) and 1 <= splits <= -(-K // 128)
             check_tiles(tiles, offsets, rows)
     if T <= 8:
@@ -419,6 +419,23 @@ def test_repeated_runs_bit_identical(path):
 
 
 @gpu
+@pytest.mark.parametrize("T,N,K", [(4096, 7168, 2048), (1000, 24576, 1536), (2000, 4096, 256), (300, 20000, 300)])
+def test_wgmma_many_tiles_per_cta(T, N, K):
+    """The wgmma kernel is persistent (grid = SMs): each CTA runs many tiles, so its ring of 6 slots and their
+    mbarrier phases wrap across tile boundaries, at 16, 12, 2 and 3 K blocks per tile (K = 300: the byte-load
+    producer). Against the reference, then bit-identical over repeated launches (a pipeline race would differ)."""
+    if "wgmma" not in gpu_paths():
+        pytest.skip("needs an sm_90 GPU")
+    import cupy as cp
+    from kernels.fp8_gemm import fp8_gemm_gpu
+    _, w8, ws, x8, sx, ref, mag = gpu_case(T, N, K, T + K)
+    first = fp8_gemm_gpu(x8, sx, w8, ws, out=cp.full((T, N), np.nan, np.float32), path="wgmma")
+    assert_close(cp.asnumpy(first), cp.asnumpy(ref), cp.asnumpy(mag), MTOL["wgmma"], f"wgmma T={T} N={N} K={K}")
+    for _ in range(3):
+        assert cp.array_equal(fp8_gemm_gpu(x8, sx, w8, ws, path="wgmma"), first)
+
+
+@gpu
 def test_unaligned_weight_base_uses_byte_loads():
     """A weight view that starts off a 16-byte boundary (K % 16 == 0 but the base is not) must still work."""
     import cupy as cp
@@ -447,6 +464,24 @@ def test_quantize_kernel_matches_reference(T, K, bf16):
     assert cp.array_equal(gotsx, wantsx), f"sx differs at {cp.argwhere(gotsx != wantsx)[:5].tolist()}"
     diff = e4m3_decode(got8) != e4m3_decode(want8)
     assert not diff.any(), f"x8 differs at {cp.argwhere(diff)[:5].tolist()}"
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 64, 128), (37, 128), (5, 8, 64), (3, 100)])
+def test_quantize_rows_and_roundtrip_match_the_numpy_chain(shape):
+    """The model's indexer q/k quantisation and latent round trip on the GPU give the numpy chain's values."""
+    import cupy as cp
+    from kernels.fp8 import fp8_roundtrip
+    from kernels.fp8_gemm import fp8_roundtrip_rows, quantize_rows
+    v = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32) * 3
+    v[0, ..., :5] = 0.0  # zeros and a tiny row-part stay exact
+    want8, want_s = quantize_rows(v)
+    got8, got_s = quantize_rows(cp.asarray(v))
+    assert got8.shape == want8.shape and got_s.shape == want_s.shape
+    assert np.array_equal(cp.asnumpy(got_s), want_s)
+    assert np.array_equal(cp.asnumpy(e4m3_decode(got8)), e4m3_decode(want8))
+    rows = v.reshape(-1, v.shape[-1])
+    assert np.array_equal(cp.asnumpy(fp8_roundtrip_rows(cp.asarray(rows))), fp8_roundtrip(rows, 128))
 
 
 @gpu
