@@ -1,11 +1,13 @@
 """Plumbing shared by the launchers: is there a GPU, compile a .cu once, check arguments.
 
-Kernel sources include no headers (NVRTC on the GPU machine lacks CUDA's crt/ headers), so the same
-file compiles under NVRTC at run time and under `nvcc -cubin -arch=sm_90` in the CPU test.
+Kernel sources include no headers (NVRTC on the GPU machine lacks CUDA's crt/ headers). The device helpers
+several of them share live in a prelude (kernels/hopper.cuh) that source() pastes in where a file asks for
+it, so the same text compiles under NVRTC at run time and under `nvcc -cubin -arch=sm_90` in the CPU test.
 """
 import contextlib
 import functools
 import os
+import re
 import warnings
 
 import numpy as np
@@ -70,13 +72,37 @@ def to_device(a, device):
 
 # --- Compiling and launching -------------------------------------------------------------------------
 
+PRELUDE = re.compile(r"^// prelude: (\S+)$", re.M)  # a whole line of a .cu: paste kernels/<name> here
+
+
+def source(filename):
+    """The text of kernels/<filename> as compiled: each `// prelude: NAME` line replaced by kernels/NAME.
+
+    #line directives keep compiler messages pointing at the file and line they come from."""
+    with open(os.path.join(KERNEL_DIR, filename)) as f:
+        text = f.read()
+
+    def paste(m):
+        with open(os.path.join(KERNEL_DIR, m.group(1))) as f:
+            prelude = f.read()
+        after = text.count("\n", 0, m.start()) + 2  # line number, in filename, of the line after the marker
+        return f'#line 1 "{m.group(1)}"\n{prelude.rstrip()}\n#line {after} "{filename}"'
+    return PRELUDE.sub(paste, text)
+
+
+def write_source(filename, directory):
+    """source(filename) saved as directory/filename, for nvcc in the CPU compile tests; returns its path."""
+    path = os.path.join(directory, filename)
+    with open(path, "w") as f:
+        f.write(source(filename))
+    return path
+
+
 @per_device
 def module(filename, defines=()):
     """Compile kernels/<filename> once per set of -D defines (tuple of 'NAME=VALUE')."""
-    with open(os.path.join(KERNEL_DIR, filename)) as f:
-        source = f.read()
     options = ("--std=c++17",) + tuple(f"-D{d}" for d in defines)
-    return cp.RawModule(code=source, options=options)
+    return cp.RawModule(code=source(filename), options=options)
 
 
 @per_device
@@ -90,10 +116,8 @@ def module_sm90a(filename, defines=()):
     if cp.cuda.Device().compute_capability == "90":
         try:
             from cupy.cuda import nvrtc
-            with open(os.path.join(KERNEL_DIR, filename)) as f:
-                source = f.read()
             options = ["--std=c++17", "-arch=sm_90a"] + [f"-D{d}" for d in defines]
-            prog = nvrtc.createProgram(source, filename, [], [])
+            prog = nvrtc.createProgram(source(filename), filename, [], [])
             try:
                 try:
                     nvrtc.compileProgram(prog, options)

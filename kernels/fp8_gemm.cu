@@ -47,12 +47,9 @@
 //       the place of the token-tile index: wgmma tiles n * ceil(N / 128) (the same raster and grid rule), GEMV
 //       grid (ceil(N / 64), splits, n). Each CTA offsets w8 and sw to its expert and stops at the group's end.
 //
-// NVRTC-compatible: no #include, no std::, extern "C" entry points.
-
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+// NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, wgmma and mbarrier helpers
+// come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
+// prelude: hopper.cuh
 
 #define FULL_MASK 0xffffffffu
 #define E4M3_MAX 448.0f
@@ -62,27 +59,10 @@ extern __shared__ __align__(1024) u8 smem_raw[];
 // ---------------------------------------------------------------------------------------------------
 // Small PTX wrappers
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-// 16 bytes global -> shared, bypassing L1; src_bytes < 16 zero-fills the rest (0: all zeros).
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 __device__ __forceinline__ void st_shared16(u32 addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
 }
-
-// Make this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to wgmma.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // Weight bytes are read exactly once per launch: do not let them evict anything from L1.
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
@@ -116,8 +96,6 @@ __device__ __forceinline__ uint4 zero4() {
   z.x = z.y = z.z = z.w = 0u;
   return z;
 }
-
-__device__ __forceinline__ void trap() { asm volatile("trap;"); }
 
 __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
@@ -489,10 +467,6 @@ __device__ __forceinline__ void raster(int bid, int tiles_m, int tiles_n, int* t
   *tile_n = in_group / group_m;
 }
 
-// Byte offset of 16-byte chunk x (0..7) of row r in a tile of 128-byte rows with the wgmma 128-byte
-// swizzle (chunk x of row r stored at x ^ (r mod 8); 1024-byte atoms of 8 rows), as in indexer.cu.
-__device__ __forceinline__ int tile_off(int r, int x) { return r * 128 + ((x ^ (r & 7)) << 4); }
-
 // Block kb of rows [row0, row0 + 128) of x8 [T, KP] into a swizzled tile; rows past T are zeros. Run by the
 // GM_PRODUCERS threads, ptid = 0 .. GM_PRODUCERS - 1; 8 consecutive threads copy one 128-byte row.
 __device__ __forceinline__ void load_x_tile(u32 dst, const u8* __restrict__ x8, int row0, int T, int KP, int kb,
@@ -501,7 +475,7 @@ __device__ __forceinline__ void load_x_tile(u32 dst, const u8* __restrict__ x8, 
   for (int it = 0; it < 128 * 8 / GM_PRODUCERS; ++it) {
     const int i = ptid + it * GM_PRODUCERS, r = i / 8, x = i % 8;
     const bool ok = row0 + r < T;
-    cp_async16(dst + tile_off(r, x), x8 + (ok ? (long long)(row0 + r) * KP + kb * 128 + x * 16 : 0), ok ? 16 : 0);
+    cp_async16(dst + swizzle128_off(r, x), x8 + (ok ? (long long)(row0 + r) * KP + kb * 128 + x * 16 : 0), ok ? 16 : 0);
   }
 }
 
@@ -516,10 +490,10 @@ __device__ __forceinline__ void load_w_tile(u32 dst, const u8* __restrict__ w8, 
     const int col = kb * 128 + x * 16;
     if constexpr (VEC) {
       const bool ok = row0 + r < N && col < K;
-      cp_async16(dst + tile_off(r, x), w8 + (ok ? (long long)(row0 + r) * K + col : 0), ok ? 16 : 0);
+      cp_async16(dst + swizzle128_off(r, x), w8 + (ok ? (long long)(row0 + r) * K + col : 0), ok ? 16 : 0);
     } else {
       const uint4 v = row0 + r < N ? load_w16<false>(w8 + (long long)(row0 + r) * K, col, K) : zero4();
-      st_shared16(dst + tile_off(r, x), v);
+      st_shared16(dst + swizzle128_off(r, x), v);
     }
   }
 }
@@ -551,82 +525,6 @@ __device__ __forceinline__ GmTile gm_tile(int i, const int* __restrict__ tiles, 
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-// Shared-memory matrix descriptor of a K-major operand with the 128-byte swizzle: start address, leading
-// byte offset 16 (unused by swizzled K-major layouts), stride byte offset 1024 (between 8-row groups),
-// swizzle mode 1 in bits 62-63. Address fields in 16-byte units. The same descriptor as indexer.cu (DB = 128).
-__device__ __forceinline__ u64 make_desc(u32 addr) {
-  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// Keep the compiler from moving accumulator reads or writes across the async MMA's issue and wait.
-template <int NR>
-__device__ __forceinline__ void fence_regs(float* d) {
-#pragma unroll
-  for (int i = 0; i < NR; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// D[64 x 128] (+)= A[64 x 32] * B[128 x 32]^T, e4m3 in, f32 accumulate; accumulate = 0 overwrites D.
-// D layout: warp v of the warpgroup holds rows 16v + lane/4 (+8); d[4j + {0,1}] are columns
-// 8j + 2(lane%4) + {0,1} of the first row, d[4j + {2,3}] of the second.
-__device__ __forceinline__ void wgmma_fp8_n128(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile(
-      "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1; }"
-      :
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-// mbarriers (64-bit words in shared memory, addressed by their shared-window address).
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-// Make the initialised barriers visible to every thread (and to the async proxy) before the __syncthreads.
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// One arrival on bar once every cp.async this thread issued before has landed (.noinc: it counts towards the
-// barrier's init count like an ordinary arrival). Needs no commit group.
-__device__ __forceinline__ void cp_async_mbar_arrive(u32 bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
-  u32 done;
-  asm volatile(
-      "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-__device__ __forceinline__ u64 globaltimer_ns() {
-  u64 t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-// Until the phase of parity `parity` has completed. A pipeline bug would otherwise hang the GPU silently: a
-// wait of 10 s (no tile takes a millisecond) traps instead.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-  if (mbar_try_wait(bar, parity)) return;
-  const u64 t0 = globaltimer_ns();
-  while (!mbar_try_wait(bar, parity))
-    if (globaltimer_ns() - t0 > 10000000000ull) trap();
-}
 
 // The ring in shared memory: GM_STAGES x-tile slots, GM_STAGES weight-tile slots, full[], empty[].
 struct GmRing {
@@ -722,7 +620,7 @@ __device__ __forceinline__ void gemm_consumer(const GmRing& ring, const float* _
       wgmma_fence();
 #pragma unroll
       for (int c = 0; c < 4; ++c)  // the 32-byte k steps; the hardware applies the swizzle to +32c
-        wgmma_fp8_n128(d, make_desc(a_tile + 32 * c), make_desc(b_tile + 32 * c), c > 0);
+        wgmma_fp8_n128(d, make_desc<128>(a_tile + 32 * c), make_desc<128>(b_tile + 32 * c), c > 0);
       wgmma_commit();
       wgmma_wait0();
       fence_regs<64>(d);

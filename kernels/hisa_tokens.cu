@@ -65,7 +65,9 @@
 // 4. force_blocks(J float [T, nb], ends int [T], T, nb, B): in place, J[t, 0] = +inf and
 //    J[t, (ends[t] - 1) / B] = +inf (skipped when ends[t] < 1 or the block is >= nb). One thread per query.
 //
-// NVRTC-compatible: no #include, no std::, extern "C" entry points.
+// NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, swizzle and wgmma helpers
+// come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
+// prelude: hopper.cuh
 
 #ifndef HT_FP8
 #define HT_FP8 1
@@ -82,10 +84,6 @@
 #ifndef HT_WSTAGES
 #define HT_WSTAGES 5
 #endif
-
-typedef unsigned char u8;
-typedef unsigned int u32;
-typedef unsigned long long u64;
 
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
@@ -107,15 +105,6 @@ static_assert(HT_MT == 1 || HT_MT == 2 || HT_MT == 4, "HT_MT must be 1, 2 or 4")
 static_assert(NW * HT_MT == NWARPS && NTILE_N * 8 * NW == NT, "tile split");
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-    unsigned int s;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // ---------------------------------------------------------------------------------------------------
 // mma.sync kernel
@@ -197,7 +186,7 @@ hisa_token_scores(const unsigned char* __restrict__ q, const float* __restrict__
             const int j = j0 + r;
             const int p = j < j_end ? slot_position(blk_t, j, B, limit) : -1;
             const unsigned char* src = p >= 0 ? keys + (long long)p * ROWB + c * 16 : keys;
-            cp_async16(&s_keys[stage][r * RSW + c * 4], src, p >= 0 ? 16 : 0);  // 0: zero-fill
+            cp_async16(smem_addr(&s_keys[stage][r * RSW + c * 4]), src, p >= 0 ? 16 : 0);  // 0: zero-fill
         }
     };
 
@@ -277,116 +266,14 @@ constexpr int WG_NTH = 256;   // threads: 2 warpgroups
 
 extern __shared__ __align__(1024) u8 smem_raw[];
 
-__device__ __forceinline__ void trap() { asm volatile("trap;"); }
-
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HT_WGMMA_ROWS
 
 constexpr int WG_NT = 128;    // slots per tile: 2 warpgroups x 64 key rows
 constexpr int WG_NH = 64;     // head columns of every MMA (Hi <= 64; missing heads are zero rows of q)
 constexpr int WG_MAXT = 256;  // tiles a CTA can list (slots_per_cta <= 128 * WG_MAXT)
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16 (4) bytes global -> shared; src_bytes = 0 writes zeros. .cg: keys bypass L1 (read once per CTA).
-__device__ __forceinline__ void cp_async16_to(u32 dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async4_to(u32 dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit_m() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_m() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// Make this thread's generic-proxy shared-memory writes (cp.async) visible to wgmma.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-
-// The scores are written once and read by the top-k: evict-first, keep L2 for the key cache.
-__device__ __forceinline__ void st_stream(float* p, float v) {
-    asm volatile("st.global.cs.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
-}
-
-// The layouts, descriptors and MMA wrappers below are those of kernels/indexer.cu's wgmma path
-// (its "_decode" configuration is this one: 128-key tiles, 64 columns, one warpgroup per 64 keys).
-//
-// Byte offset of 16-byte chunk x of row r in a shared tile of R rows of DB bytes. DB >= 128: DB/128
-// blocks of [R][128 B], chunk x of row r stored at (x ^ r) mod 8 (the wgmma 128-byte swizzle, 1024-byte
-// atoms). DB = 64: [R][64 B] with x ^ (r/2 mod 4) (the 64-byte swizzle, 512-byte atoms).
-template <int DB, int R>
-__device__ __forceinline__ int tile_off(int r, int x) {
-    if constexpr (DB >= 128) {
-        return (x >> 3) * (R * 128) + r * 128 + (((x & 7) ^ (r & 7)) << 4);
-    } else {
-        return r * 64 + ((x ^ ((r >> 1) & 3)) << 4);
-    }
-}
-
-// Shared-memory matrix descriptor, K-major operand with a swizzle: start address, leading byte offset
-// (unused by swizzled K-major layouts; 16), stride byte offset = bytes between 8-row core-matrix groups,
-// swizzle mode in bits 62-63 (1: 128-byte, 2: 64-byte). Address fields are in 16-byte units.
-template <int DB>
-__device__ __forceinline__ u64 make_desc(u32 addr) {
-    constexpr u64 SBO = DB >= 128 ? 1024 : 512;
-    constexpr u64 SWZ = DB >= 128 ? 1 : 2;
-    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((SBO >> 4) << 32) | (SWZ << 62);
-}
-
-// Byte offset, inside a swizzled tile of R rows, of the 32-byte k step c for rows starting at row0
-// (a multiple of 8): the hardware applies the XOR swizzle to the final address, so stepping k inside a
-// 128-byte (64-byte) row is a plain +32 bytes on the start address.
-template <int DB, int R>
-__device__ __forceinline__ int kstep_off(int row0, int c) {
-    if constexpr (DB >= 128) {
-        return (c >> 2) * (R * 128) + row0 * 128 + (c & 3) * 32;
-    } else {
-        return row0 * 64 + c * 32;
-    }
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// Keep the compiler from moving accumulator reads or writes across the async MMA's issue and wait.
-template <int NR>
-__device__ __forceinline__ void fence_regs(float* d) {
-#pragma unroll
-    for (int i = 0; i < NR; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// D[64 x 64] (+)= A[64 x k] * B[64 x k]^T, A and B K-major in shared memory (descriptors); accumulate = 0
-// overwrites D. D layout: warp v of the warpgroup holds rows 16v + lane/4 (+8); d[4j + {0,1}] are
-// columns 8j + 2(lane%4) + {0,1} of the first row, d[4j + {2,3}] of the second.
-__device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
-#if HT_FP8
-    asm volatile(
-        "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1; }"
-        :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(accumulate));
-#else
-    asm volatile(
-        "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0; }"
-        :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(accumulate));
-#endif
-}
+// The tile layouts, descriptors and MMAs (hopper.cuh) are those of kernels/indexer.cu's wgmma path: its
+// "_decode" configuration is this one (128-key tiles, 64 columns, one warpgroup per 64 keys).
 
 // Position of slot j (< m*B), or -1 when its block is padding or the position is >= limit.
 __device__ __forceinline__ int slot_pos(const int* __restrict__ blk_t, int j, int B, int lgB, int limit) {
@@ -455,7 +342,7 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
         for (int i = tid; i < WG_NH * CPR_; i += WG_NTH) {
             const int r = i / CPR_, x = i % CPR_;
             const bool ok = r < Hi;
-            cp_async16_to(base + tile_off<DB, WG_NH>(r, x), q_t + (ok ? r : 0) * DB + x * 16, ok ? 16 : 0);
+            cp_async16(base + tile_off<DB, WG_NH>(r, x), q_t + (ok ? r : 0) * DB + x * 16, ok ? 16 : 0);
         }
     }
     // This thread's accumulator columns are heads 8j + 2(lane%4) + {0,1}: their weights w * qs.
@@ -506,12 +393,12 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
             const int r = i / CPR_, x = i % CPR_;  // consecutive threads: consecutive chunks of a row
             const int j = j0 + r;
             const int p = j < j_end ? slot_pos(blk_t, j, B, lgB, limit) : -1;
-            cp_async16_to(dst + tile_off<DB, WG_NT>(r, x), keys + (p >= 0 ? (long long)p * DB + x * 16 : 0),
-                          p >= 0 ? 16 : 0);
+            cp_async16(dst + tile_off<DB, WG_NT>(r, x), keys + (p >= 0 ? (long long)p * DB + x * 16 : 0),
+                       p >= 0 ? 16 : 0);
             if (x == 0) {
                 s_pos[stage * WG_NT + r] = p;
-                if (HT_FP8) cp_async4_to(base + OFF_KS + (stage * WG_NT + r) * 4, kscale + (p >= 0 ? p : 0),
-                                         p >= 0 ? 4 : 0);
+                if (HT_FP8) cp_async4(base + OFF_KS + (stage * WG_NT + r) * 4, kscale + (p >= 0 ? p : 0),
+                                      p >= 0 ? 4 : 0);
             }
         }
     };
@@ -519,7 +406,7 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
         if (s < n_live) load_tile(s, s);
-        cp_async_commit_m();  // empty groups keep the count uniform
+        cp_async_commit();  // empty groups keep the count uniform
     }
 
     const int row = wg * 64 + wv * 16 + (lane >> 2);  // this thread's first key row of a tile; second: +8
@@ -529,11 +416,11 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
     for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
 
     for (int it = 0; it < n_live; ++it) {
-        cp_async_wait_m<S - 2>();
+        cp_async_wait<S - 2>();
         fence_proxy_async();
         __syncthreads();  // tile it landed for all; tile it-1's stage is free again
         if (it + S - 1 < n_live) load_tile((it + S - 1) % S, it + S - 1);
-        cp_async_commit_m();
+        cp_async_commit();
 
         // d. D[64 keys x 64 heads] of this warpgroup's half of the tile.
         const int stage = it % S;
@@ -544,7 +431,7 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
         for (int c = 0; c < KST; ++c) {
             const u64 da = make_desc<DB>(k_s + kstep_off<DB, WG_NT>(wg * 64, c));
             const u64 db = make_desc<DB>(base + kstep_off<DB, WG_NH>(0, c));
-            wgmma_n64(acc, da, db, c > 0);
+            wgmma_step<HT_FP8 != 0, WG_NH>(acc, da, db, c > 0);
         }
         wgmma_commit();
         wgmma_wait0();
@@ -573,7 +460,7 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
             }
         }
     }
-    cp_async_wait_m<0>();  // nothing in flight at exit (q when no tile was live; else only empty groups)
+    cp_async_wait<0>();  // nothing in flight at exit (q when no tile was live; else only empty groups)
 }
 
 #endif  // sm_90a and a supported row size

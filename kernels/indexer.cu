@@ -45,7 +45,9 @@
 //     (QCTA = 64/HI). When HI = 64 two warps share a query and S holds both halves. (On sm_90, fp8
 //     mma.sync is itself lowered to f16 HMMA, so this is the rate of the f16 path, about half of wgmma fp8.)
 //
-// NVRTC-compatible: no #include, no std::, extern "C" entry points.
+// NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, swizzle and wgmma helpers
+// come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
+// prelude: hopper.cuh
 
 #ifndef HI
 #define HI 64
@@ -57,55 +59,13 @@
 static_assert(HI == 4 || HI == 8 || HI == 16 || HI == 32 || HI == 64, "HI must be 4, 8, 16, 32 or 64");
 static_assert(DI == 64 || DI == 128, "DI must be 64 or 128");
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
 #define NEG_INF __int_as_float(0xff800000)
 #define FULL_MASK 0xffffffffu
 
 extern __shared__ __align__(1024) u8 smem_raw[];
 
 // ---------------------------------------------------------------------------------------------------
-// Small PTX wrappers
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros (rows past the end).
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// Make this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to wgmma.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-
-// Output is written once and never re-read here: evict-first, keep L2 for the k tiles.
-__device__ __forceinline__ void st_stream(float* p, float v) {
-  asm volatile("st.global.cs.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
-}
-
-__device__ __forceinline__ void trap() { asm volatile("trap;"); }
-
-// Byte offset of 16-byte chunk x of row r in a shared tile of R rows of DB bytes. DB >= 128: DB/128
-// blocks of [R][128 B], chunk x of row r stored at (x ^ r) mod 8 (the wgmma 128-byte swizzle, 1024-byte
-// atoms). DB = 64: [R][64 B] with x ^ (r/2 mod 4) (the 64-byte swizzle, 512-byte atoms). Either way the
-// 8 rows of one ldmatrix 8x16B matrix fall in 8 different bank groups.
-template <int DB, int R>
-__device__ __forceinline__ int tile_off(int r, int x) {
-  if constexpr (DB >= 128) {
-    return (x >> 3) * (R * 128) + r * 128 + (((x & 7) ^ (r & 7)) << 4);
-  } else {
-    return r * 64 + ((x ^ ((r >> 1) & 3)) << 4);
-  }
-}
+// Tiles
 
 // Rows [row0, row0 + R) of a [nrows, DB] byte matrix into a swizzled shared tile; missing rows are zeros.
 template <int DB, int R, int NTH>
@@ -421,113 +381,6 @@ __device__ __forceinline__ void mma_body(INDEXER_PARAMS) {
 // wgmma path (sm_90a only)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-// Shared-memory matrix descriptor, K-major operand with a swizzle: start address, leading byte offset
-// (unused by swizzled K-major layouts; 16), stride byte offset = bytes between 8-row core-matrix groups,
-// swizzle mode in bits 62-63 (1: 128-byte, 2: 64-byte). Address fields are in 16-byte units.
-template <int DB>
-__device__ __forceinline__ u64 make_desc(u32 addr) {
-  constexpr u64 SBO = DB >= 128 ? 1024 : 512;
-  constexpr u64 SWZ = DB >= 128 ? 1 : 2;
-  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((SBO >> 4) << 32) | (SWZ << 62);
-}
-
-// Byte offset, inside a swizzled tile of R rows, of the 32-byte k step c for rows starting at row0
-// (row0 a multiple of 8): the hardware applies the XOR swizzle to the final address, so stepping k
-// inside a 128-byte (64-byte) row is a plain +32 bytes on the start address.
-template <int DB, int R>
-__device__ __forceinline__ int kstep_off(int row0, int c) {
-  if constexpr (DB >= 128) {
-    return (c >> 2) * (R * 128) + row0 * 128 + (c & 3) * 32;
-  } else {
-    return row0 * 64 + c * 32;
-  }
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// Keep the compiler from moving accumulator reads or writes across the async MMA's issue and wait.
-template <int NR>
-__device__ __forceinline__ void fence_regs(float* d) {
-#pragma unroll
-  for (int i = 0; i < NR; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// D[64 x n] (+)= A[64 x k] * B[n x k]^T, A and B K-major in shared memory (descriptors); accumulate = 0
-// overwrites D. D layout: warp v of the warpgroup holds rows 16v + lane/4 (+8); d[4j + {0,1}] are
-// columns 8j + 2(lane%4) + {0,1} of the first row, d[4j + {2,3}] of the second.
-__device__ __forceinline__ void wgmma_fp8_n64(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile(
-      "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, %32, %33, p, 1, 1; }"
-      :
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-__device__ __forceinline__ void wgmma_fp8_n128(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile(
-      "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1; }"
-      :
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-__device__ __forceinline__ void wgmma_bf16_n64(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile(
-      "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, %32, %33, p, 1, 1, 0, 0; }"
-      :
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-__device__ __forceinline__ void wgmma_bf16_n128(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile(
-      "{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0; }"
-      :
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-template <bool FP8, int NCOL>
-__device__ __forceinline__ void wgmma_step(float* d, u64 da, u64 db, int accumulate) {
-  if constexpr (FP8 && NCOL == 64) wgmma_fp8_n64(d, da, db, accumulate);
-  if constexpr (FP8 && NCOL == 128) wgmma_fp8_n128(d, da, db, accumulate);
-  if constexpr (!FP8 && NCOL == 64) wgmma_bf16_n64(d, da, db, accumulate);
-  if constexpr (!FP8 && NCOL == 128) wgmma_bf16_n128(d, da, db, accumulate);
-}
 
 // QG query groups x KS key halves = 2 warpgroups. Warpgroup wg takes key rows (KS == 2 ? wg : 0) * 64
 // .. +63 of the BK = 64*KS key tile and, one after the other (QR rounds, reusing the accumulators), the

@@ -22,6 +22,9 @@
 // x 4 latent dims in registers. nsplit > 1 (decode: few queries) splits the selected list over CTAs,
 // and sparse_mla_combine (grid T*H, Dc/4 threads) merges the partial (max, sum, o) triples.
 
+// The cp.async helpers come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
+// prelude: hopper.cuh
+
 #ifndef SM_DC
 #define SM_DC 512
 #endif
@@ -56,14 +59,6 @@ constexpr int SMEM_BYTES = SMEM_FLOATS * 4 + 3 * NC * 4;
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-    unsigned int s;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 __device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
     acc = fmaf(a.x, b.x, acc);
@@ -132,7 +127,7 @@ sparse_mla_attend(const float* __restrict__ q_abs, const float* __restrict__ q_p
             const float* src = p < 0 ? c_kv
                              : f < DC4 ? c_kv + (long long)p * DC + 4 * f
                                        : k_pe + (long long)p * R + 4 * (f - DC4);
-            cp_async16(dst + i * D + 4 * f, src, p >= 0 ? 16 : 0);  // padding rows are zero-filled
+            cp_async16(smem_addr(dst + i * D + 4 * f), src, p >= 0 ? 16 : 0);  // padding rows are zero-filled
         }
     };
     if (nchunks > 0) load_chunk(0, s_pos);
@@ -145,7 +140,7 @@ sparse_mla_attend(const float* __restrict__ q_abs, const float* __restrict__ q_p
     for (int hh = 0; hh < HPT; ++hh) o[hh][0] = o[hh][1] = o[hh][2] = o[hh][3] = 0.0f;
 
     for (int c = 0; c < nchunks; ++c) {
-        cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();  // chunk c is in smem; chunk c-1's buffer and S/P are free again
         if (c + 1 < nchunks) load_chunk((c + 1) & 1, s_pos + ((c + 1) % 3) * NC);
         cp_async_commit();
@@ -236,7 +231,7 @@ sparse_mla_attend(const float* __restrict__ q_abs, const float* __restrict__ q_p
         }
         if (tid < NC) s_pos[((c + 2) % 3) * NC + tid] = pos_next2;  // read after the next barrier
     }
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // s_m, s_l final (also when nchunks == 0)
 
 #pragma unroll
@@ -344,12 +339,6 @@ constexpr int TC_RED_BYTES = TC_MT * 2 * 16 * 4;  // one of max, sum
 constexpr int TC_SMEM_BYTES = TC_Q_BYTES + TC_KV_BYTES + TC_STAGE_BYTES + TC_P_BYTES + 2 * TC_RED_BYTES + 2 * TC_NC * 4;
 
 typedef unsigned short bf16_t;  // bf16 bit pattern
-
-__device__ __forceinline__ unsigned int smem_u32(const void* p) {
-    unsigned int s;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
-    return s;
-}
 
 // (lo, hi) -> bf16x2, each rounded to nearest even: lo in bits 0..15 (the lower-index element of a
 // fragment pair), hi in bits 16..31.
@@ -461,7 +450,7 @@ sparse_mla_attend_tc(const float* __restrict__ q_abs, const float* __restrict__ 
             const float* src = p < 0 ? c_kv
                              : f < DC4 ? c_kv + (long long)p * DC + 4 * f
                                        : k_pe + (long long)p * R + 4 * (f - DC4);
-            cp_async16(s_stage + i * D + 4 * f, src, p >= 0 ? 16 : 0);
+            cp_async16(smem_addr(s_stage + i * D + 4 * f), src, p >= 0 ? 16 : 0);
         }
     };
     if (nchunks > 0) load_chunk(s_pos);
@@ -471,16 +460,16 @@ sparse_mla_attend_tc(const float* __restrict__ q_abs, const float* __restrict__ 
     // mi = which of the four matrices this lane addresses.
     const int r8 = lane & 7, mi = lane >> 3;
     // A = q tile mt: matrices (heads 0-7, k 0-7), (heads 8-15, k 0-7), (0-7, k 8-15), (8-15, k 8-15).
-    const unsigned int a_addr = smem_u32(s_q + (16 * mt + r8 + 8 * (mi & 1)) * TC_DP + 8 * (mi >> 1));
+    const unsigned int a_addr = smem_addr(s_q + (16 * mt + r8 + 8 * (mi & 1)) * TC_DP + 8 * (mi >> 1));
     // S's B = K^T for keys 16j..: matrices (keys 0-7, dims 0-7) = b0 and (keys 0-7, dims 8-15) = b1 of the
     // first n8 tile, (keys 8-15, dims 0-7), (keys 8-15, dims 8-15) of the second; rows = keys, no transpose.
-    const unsigned int bs_addr = smem_u32(s_kv + (16 * j + r8 + 8 * (mi >> 1)) * TC_DP + 8 * (mi & 1));
+    const unsigned int bs_addr = smem_addr(s_kv + (16 * j + r8 + 8 * (mi >> 1)) * TC_DP + 8 * (mi & 1));
     // O's B = V (keys x latent columns), transposed on load: matrices (keys 0-7, cols 0-7) = b0 and
     // (keys 8-15, cols 0-7) = b1 of the first n8 tile, (keys 0-7, cols 8-15), (keys 8-15, cols 8-15) of
     // the second. v_own covers the keys this warp scored, v_other its partner's.
     const int v_off = (r8 + 8 * (mi & 1)) * TC_DP + j * TC_DV + 8 * (mi >> 1);
-    const unsigned int v_own = smem_u32(s_kv + 16 * j * TC_DP + v_off);
-    const unsigned int v_other = smem_u32(s_kv + 16 * (1 - j) * TC_DP + v_off);
+    const unsigned int v_own = smem_addr(s_kv + 16 * j * TC_DP + v_off);
+    const unsigned int v_other = smem_addr(s_kv + 16 * (1 - j) * TC_DP + v_off);
 
     float o[TC_NO][4];
 #pragma unroll
@@ -492,7 +481,7 @@ sparse_mla_attend_tc(const float* __restrict__ q_abs, const float* __restrict__ 
     float* red_sum = s_sum + mt * 32;
 
     for (int c = 0; c < nchunks; ++c) {
-        cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();  // chunk c is staged; every warp is done with the key tile of chunk c-1
         for (int e = tid; e < TC_NC * D4; e += TC_NT) {
             const int i = e / D4, f = e % D4;
@@ -597,7 +586,7 @@ sparse_mla_attend_tc(const float* __restrict__ q_abs, const float* __restrict__ 
             mma_bf16(o[2 * n2 + 1], pb_lo, b[2], b[3]);
         }
     }
-    cp_async_wait_all();
+    cp_async_wait<0>();
 
     // Heads g and g+8 of tile mt, latent columns j*Dc/2 + 8n + 2q, 2q+1.
     const int hg = h0 + 16 * mt + g, hg8 = hg + 8;

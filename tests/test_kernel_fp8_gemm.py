@@ -1,6 +1,5 @@
 """FP8 block-scaled linear layer and its grouped form (a mixture of experts): the references against
 independent computations and the launch plans (CPU), the kernels against the references (GPU)."""
-import os
 import shutil
 import subprocess
 
@@ -8,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU, KERNEL_DIR
+from kernels._cuda import HAVE_GPU, write_source
 from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
 from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, fp8_gemm_reference, fp8_grouped_gemm_reference,
                               fp8_grouped_linear, fp8_grouped_linear_reference, fp8_linear, fp8_linear_reference,
@@ -317,7 +316,7 @@ def test_grouped_plans(T, wgmma):
 @pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
 def test_kernel_compiles_without_spills(arch, tmp_path):
     cmd = ["nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-o", str(tmp_path / "fp8_gemm.cubin"),
-           os.path.join(KERNEL_DIR, "fp8_gemm.cu")]
+           write_source("fp8_gemm.cu", tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "warning" not in res.stderr.lower(), res.stderr

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU, KERNEL_DIR
+from kernels._cuda import HAVE_GPU, write_source
 from kernels.fp8 import E4M3_TABLE, e4m3_encode, quantize_ue8m0
 from kernels import hisa_tokens as ht
 from kernels.hisa_tokens import force_blocks, hisa_token_scores, indexer_scores_f64, slots_to_positions
@@ -190,7 +190,7 @@ def test_kernels_compile_without_spills(arch, fp8, Di, Hi, tmp_path):
     """Every -D set the launcher can ask for builds with no warning and no spill (registers within the
     launch bounds: 2 CTAs of 256 threads for wgmma, 5 of 128 for mma.sync)."""
     cmd = [NVCC, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v"] + [f"-D{d}" for d in ht.defines(fp8, Di, Hi)]
-    cmd += ["-o", str(tmp_path / "k.cubin"), os.path.join(KERNEL_DIR, "hisa_tokens.cu")]
+    cmd += ["-o", str(tmp_path / "k.cubin"), write_source("hisa_tokens.cu", tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "warning" not in res.stderr.lower() and "performance loss" not in res.stderr.lower(), res.stderr

@@ -1,5 +1,4 @@
 """DSA indexer scores: the reference against a naive loop (CPU), the kernels against the reference (GPU)."""
-import os
 import shutil
 import subprocess
 
@@ -7,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU, KERNEL_DIR
+from kernels._cuda import HAVE_GPU, write_source
 from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
 from kernels.indexer import HEAD_DIMS, HEADS, index_scores_reference, plan
 
@@ -170,7 +169,7 @@ def test_plan_rejects_unsupported_dims():
 def test_kernel_compiles_without_spills(arch, tmp_path):
     for Hi, Di in [(64, 128), (4, 64)]:
         cmd = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-DHI={Hi}", f"-DDI={Di}",
-               "-o", str(tmp_path / "indexer.cubin"), os.path.join(KERNEL_DIR, "indexer.cu")]
+               "-o", str(tmp_path / "indexer.cubin"), write_source("indexer.cu", tmp_path)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         assert "warning" not in res.stderr.lower(), res.stderr

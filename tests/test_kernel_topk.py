@@ -1,5 +1,4 @@
 """Top-k: the numpy reference on hand-made rows; the kernel against it, exactly, on the GPU."""
-import os
 import re
 import shutil
 import subprocess
@@ -7,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU, KERNEL_DIR
+from kernels._cuda import HAVE_GPU, write_source
 from kernels.topk import SAMPLE_G, SHORT_N, candidate_cap, short_smem_bytes, slices_per_row, smem_bytes, topk, \
     topk_reference
 
@@ -84,7 +83,7 @@ def test_launch_policy():
 @pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
 def test_kernel_compiles_without_spills(arch, tmp_path):
     res = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(tmp_path / "topk.cubin"),
-                          os.path.join(KERNEL_DIR, "topk.cu")], capture_output=True, text=True)
+                          write_source("topk.cu", tmp_path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
     assert len(spills) == 2 and all(a == b == "0" for a, b in spills), res.stderr  # topk_rows and topk_short

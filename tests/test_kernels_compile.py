@@ -1,7 +1,8 @@
 """Every kernel source compiles for sm_90 with nvcc, so a kernel that does not build cannot land (CPU test).
 
 The sources are compiled at run time by NVRTC on the GPU machine, which cannot find CUDA's crt/ headers:
-they must include nothing.
+they must include nothing. Shared helpers come in through a `// prelude: NAME` line instead, and nvcc here
+compiles the text kernels/_cuda.py:source() builds from it, the same text NVRTC gets.
 """
 import glob
 import os
@@ -11,7 +12,10 @@ import subprocess
 
 import pytest
 
-KERNELS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "*.cu")))
+from kernels._cuda import KERNEL_DIR, PRELUDE, source as kernel_source, write_source
+
+KERNELS = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
+PRELUDES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cuh")))
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
 
@@ -19,21 +23,44 @@ def test_there_are_kernels():
     assert len(KERNELS) >= 5, KERNELS
 
 
-@pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
+@pytest.mark.parametrize("source", KERNELS + PRELUDES, ids=os.path.basename)
 def test_no_includes(source):
     with open(source) as f:
         includes = [l.strip() for l in f if re.match(r"\s*#\s*include", l)]
     assert not includes, f"{os.path.basename(source)}: NVRTC on the GPU machine cannot resolve {includes}"
 
 
+def prelude_names(path):
+    with open(path) as f:
+        return PRELUDE.findall(f.read())
+
+
+@pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
+def test_preludes_are_pasted_in(source):
+    """Each `// prelude: NAME` line names a kernels/*.cuh, and the compiled text has that file in its place."""
+    names = prelude_names(source)
+    for name in names:
+        assert os.path.join(KERNEL_DIR, name) in PRELUDES, f"{os.path.basename(source)}: no kernels/{name} (*.cuh)"
+    text = kernel_source(os.path.basename(source))
+    assert not PRELUDE.search(text), "a prelude line was left in the compiled text"
+    assert [l for l in text.splitlines() if l.startswith('#line 1 "')] == [f'#line 1 "{n}"' for n in names]
+
+
+def test_every_prelude_has_a_user():
+    used = {name for k in KERNELS for name in prelude_names(k)}
+    unused = {os.path.basename(p) for p in PRELUDES} - used
+    assert not unused, f"no kernel asks for {sorted(unused)}"
+
+
 def compile_report(source, tmp_path, arch, defines=()):
-    """ptxas -v output of one nvcc -cubin build (asserting it builds)."""
+    """ptxas -v output of one nvcc -cubin build of kernels/<source> with its preludes (asserting it builds)."""
     if NVCC is None:
         if os.environ.get("CI"):
             pytest.fail("nvcc not found: CI must compile-check every kernel")
         pytest.skip("nvcc not found on this machine")
+    built = write_source(os.path.basename(source), tmp_path)
     r = subprocess.run([NVCC, "-cubin", *arch, "-std=c++17", "-Xptxas", "-v", *(f"-D{d}" for d in defines),
-                        "-o", str(tmp_path / "k.cubin"), source], capture_output=True, text=True)
+                        "-o", str(tmp_path / "k.cubin"), built], capture_output=True, text=True)
     assert r.returncode == 0, f"{os.path.basename(source)} {defines} does not compile:\n{r.stderr[-4000:]}"
     return r.stderr
 
