@@ -5,7 +5,7 @@ median over reps, launches included. torch appears here only as a reference poin
                                           # topk_short vs topk_rows
     python bench/kernels.py indexer       # index_scores, fp8/bf16, wgmma and mma.sync paths
     python bench/kernels.py splits        # index_scores over few keys (HISA's block stage): key splits swept
-    python bench/kernels.py tokens        # the HISA token stage, wgmma and mma.sync paths
+    python bench/kernels.py tokens        # the HISA token stage: block-major, query-major wgmma, mma.sync
     python bench/kernels.py fp8gemm       # FP8 linear: prefill vs torch._scaled_mm, decode GB/s vs a device copy
     python bench/kernels.py grouped       # an MoE layer's experts: one grouped launch per product vs a loop over experts
     python bench/kernels.py mla           # sparse MLA at the released dims: fp32 kernel vs bf16 tensor-core kernel
@@ -168,6 +168,14 @@ def token_inputs(T, L, Hi=64, Di=128, B=128, m=64):
     blocks = cp.sort(cp.argsort(rng.random((T, -(-L // B))), axis=1)[:, :m], axis=1).astype(np.int32)
     ends = cp.arange(L - T + 1, L + 1, dtype=np.int32)
     return q, w, keys, blocks, ends, qs, ks
+
+
+def bench_bucket(T, L, B=128, m=64, reps=20):
+    """The block-major path's bucketing alone (hisa_bucket_count + hisa_bucket_scatter)."""
+    from kernels.hisa_tokens import _blocks_launch, bucket_pairs
+    q, w, keys, blocks, ends, qs, ks = token_inputs(T, L, B=B, m=m)
+    launch = _blocks_launch(cp.cuda.Device().id, T, 64, 128, True, m, B, L, "blocks")
+    return time_ms(lambda _: bucket_pairs(launch, blocks, ends, T, m, B, L), reps=reps)
 
 
 def bench_token_scores(T, L, B=128, m=64, path=None, splits=None, reps=20):
@@ -481,9 +489,12 @@ def main():
     elif what == "splits":
         splits_table()
     elif what == "tokens":
-        for T in (1024, 1):
-            for path in ("wgmma", "mma"):
-                print(f"scores T={T} L=131072 {path}: {bench_token_scores(T, 131072, path=path):.3f} ms")
+        for L in (32768, 131072):
+            for T in (1024, 256, 64, 16, 1):
+                paths = ("blocks", "wgmma", "mma") if T >= 16 else ("wgmma", "mma")
+                bucket = f" (its bucketing {bench_bucket(T, L):.3f})" if T >= 16 else ""
+                print(f"scores T={T} L={L}: " + ", ".join(
+                    f"{p} {bench_token_scores(T, L, path=p):.3f}" for p in paths) + f" ms{bucket}", flush=True)
     elif what == "fp8gemm":
         fp8gemm_tables()
     elif what == "grouped":

@@ -14,8 +14,10 @@
 //   HT_MT      mma.sync kernel: head tiles of 16 (1, 2 or 4: Hi <= 16, 32, 64)
 //   HT_STAGES  mma.sync kernel: cp.async pipeline depth (2 or 3)
 //   HT_WSTAGES wgmma kernel: cp.async pipeline depth (2 .. 8)
+//   HT_BSTAGES block-major kernel: q ring depth (2 .. 8)
+//   HT_QCH     block-major kernel: most queries an item (a CTA) takes
 //
-// Arguments of both score kernels:
+// Arguments of the two query-major score kernels (1 and 2):
 //   q       [T, Hi, Di]  e4m3 bits (uint8) or bf16 bits (uint16), base 16-byte aligned
 //   qscale  float [T, Hi] (fp8 only; any valid pointer otherwise)
 //   w       float [T, Hi]
@@ -64,6 +66,20 @@
 //    covering n (n < 2^31).
 // 4. force_blocks(J float [T, nb], ends int [T], T, nb, B): in place, J[t, 0] = +inf and
 //    J[t, (ends[t] - 1) / B] = +inf (skipped when ends[t] < 1 or the block is >= nb). One thread per query.
+// 5. hisa_token_scores_blocks (sm_90a, B = 128 only): the same scores computed block-major. Random queries
+//    keep different blocks, so the query-major kernels gather each query's 8192 keys for that query's 64
+//    heads alone. Here a CTA takes one kept block (128 keys, loaded once) and the queries that kept it, two at
+//    a time: D[128 keys x 128 columns] = keys . [q of query 2u; q of query 2u+1]^T (m64n128 a warpgroup), so
+//    every gathered byte (the two queries' q rows) feeds 128 keys. Its inputs come from the three kernels
+//    below: items and pairs (the bucketing) and each query's q image and head weights (hisa_prepare_q), which
+//    thread 0 fetches with one bulk copy (TMA, no tensor map) each into an HT_BSTAGES ring of mbarrier-
+//    guarded stages. No CTA-wide barrier a unit: warps wait on a stage's full barrier and arrive on its
+//    empty barrier; thread 0 refills a stage once all 8 warps are done with it. The epilogue sums heads
+//    exactly as kernel 1 does (same heads on the same lanes, same products), so the two give the same bits.
+//    Launch: grid = an upper bound on the items (CTAs past n_items[0] return), 256 threads, dynamic shared
+//    memory hisa_tokens.py blocks_smem. Items of the dead bucket only write -inf.
+// 6. hisa_bucket_count, hisa_bucket_scatter: the (query, block) pairs bucketed by block (see there).
+// 7. hisa_prepare_q: q rows as wgmma-ready images for the bulk copies of kernel 5 (see there).
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, swizzle and wgmma helpers
 // come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
@@ -83,6 +99,12 @@
 #endif
 #ifndef HT_WSTAGES
 #define HT_WSTAGES 5
+#endif
+#ifndef HT_BSTAGES
+#define HT_BSTAGES 4
+#endif
+#ifndef HT_QCH
+#define HT_QCH 16
 #endif
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -463,6 +485,185 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
     cp_async_wait<0>();  // nothing in flight at exit (q when no tile was live; else only empty groups)
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Block-major wgmma kernel (sm_90a, B = 128): one CTA a (kept block, up to qch queries that kept it) item
+
+constexpr int BM_B = 128;        // block size this kernel serves: one block = one 128-row key tile
+constexpr int BM_QG = 2;         // queries a unit: the MMA's n = 64 * BM_QG columns (q rows of 2 queries)
+constexpr int BM_NCOL = 64 * BM_QG;
+constexpr int BM_QCH = HT_QCH;   // most queries an item holds (hisa_tokens.py BLOCK_QCH)
+
+template <int DB, int S>
+__device__ __forceinline__ void blocks_body(const u8* __restrict__ q_sw, const float* __restrict__ wq,
+                                            const u8* __restrict__ keys, const float* __restrict__ kscale,
+                                            const int* __restrict__ ends, float* __restrict__ out,
+                                            const int* __restrict__ pairs, const int4* __restrict__ items,
+                                            const int* __restrict__ n_items, int m, int cap, int smem_bytes) {
+    static_assert(DB == 64 || DB == 128 || DB == 256, "wgmma rows are 64, 128 or 256 bytes");
+    static_assert(S >= 2 && S <= 8, "HT_BSTAGES must be 2 .. 8");
+    static_assert(BM_QG == 2, "a unit is two queries");
+    constexpr int CPR_ = DB / 16;                      // 16-byte chunks a row
+    constexpr int KST = DB / 32;                       // k steps of 32 bytes
+    constexpr int K_BYTES = BM_B * DB;                 // the block's key tile (multiples of 1024 bytes)
+    constexpr int Q_BYTES = BM_NCOL * DB;              // one unit's q tile: two queries' images
+    constexpr int IMG = 64 * DB;                       // one query's image (hisa_prepare_q)
+    constexpr int CB = DB >= 128 ? 128 : DB;           // bytes of a row in one swizzle column block
+    constexpr int PIECES = DB / CB;                    // bulk copies an image: one per column block
+    constexpr int KCH = BM_B * CPR_ / WG_NTH;          // 16-byte chunks a thread, key tile
+    static_assert(KCH * WG_NTH == BM_B * CPR_, "chunks split evenly");
+    constexpr int OFF_Q = K_BYTES;
+    constexpr int OFF_KS = OFF_Q + S * Q_BYTES;        // float [128]: k scale of each key row
+    constexpr int OFF_W = OFF_KS + BM_B * 4;           // float [S][BM_NCOL]: w * q scale of each column
+    constexpr int OFF_META = OFF_W + S * BM_NCOL * 4;  // int [BM_QCH][4]: t, first slot, limit, - a query
+    constexpr int OFF_BAR = OFF_META + BM_QCH * 16;    // u64 [S] full: unit landed (transaction count);
+                                                       // u64 [S] empty: its 8 warps are done with it
+    constexpr int SMEM = OFF_BAR + 2 * S * 8 + 1024;   // + worst-case alignment of the base
+    if (smem_bytes < SMEM) trap();
+
+    const int item = blockIdx.x;
+    if (item >= *n_items) return;  // the grid is an upper bound on the item count
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7, wv = warp & 3;
+    const int mB = m * BM_B;
+    const int4 it = items[item];
+    const int b = it.x, p0 = it.y, cnt = it.z;
+    if (cnt > BM_QCH) trap();  // the launcher's BLOCK_QCH is this file's BM_QCH
+
+    if (b < 0) {  // the dead item: its pairs see nothing of their block (padding, past ends or cap): -inf
+        for (int i = tid; i < cnt * BM_B; i += WG_NTH) {
+            const int e = pairs[p0 + i / BM_B];
+            const int t = e / m;
+            st_stream(out + (long long)t * mB + (long long)(e - t * m) * BM_B + i % BM_B, NEG_INF);
+        }
+        return;
+    }
+
+    const u32 raw = smem_addr(smem_raw);
+    const u32 pad = (1024 - (raw & 1023)) & 1023;
+    u8* sm = smem_raw + pad;
+    const u32 base = raw + pad;
+    const float* s_ks = reinterpret_cast<const float*>(sm + OFF_KS);
+    const float* s_w = reinterpret_cast<const float*>(sm + OFF_W);
+    int* s_meta = reinterpret_cast<int*>(sm + OFF_META);
+    const u32 full = base + OFF_BAR, empty = full + 8 * S;
+
+    // Each query of the item: (t, its first slot of this block, its limit), read once.
+    if (tid < cnt) {
+        const int e = pairs[p0 + tid];
+        const int t = e / m;
+        s_meta[4 * tid] = t;
+        s_meta[4 * tid + 1] = (e - t * m) * BM_B;
+        s_meta[4 * tid + 2] = min(ends[t], cap);
+    }
+    if (tid == 0) {
+        for (int s = 0; s < S; ++s) {
+            mbar_init(full + 8 * s, 1);              // the producer's expect_tx arrival (+ the bytes)
+            mbar_init(empty + 8 * s, WG_NTH / 32);   // one arrival a warp
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    // The block's 128 key rows (positions >= cap zero) and their k scales: cp.async by every thread, once.
+#pragma unroll
+    for (int k = 0; k < KCH; ++k) {
+        const int i = tid + k * WG_NTH;
+        const int r = i / CPR_, x = i % CPR_;
+        const long long p = (long long)b * BM_B + r;
+        const bool ok = p < cap;
+        cp_async16(base + tile_off<DB, BM_B>(r, x), keys + (ok ? p * DB + x * 16 : 0), ok ? 16 : 0);
+        if (HT_FP8 && x == 0) cp_async4(base + OFF_KS + r * 4, kscale + (ok ? p : 0), ok ? 4 : 0);
+    }
+    // Unit u (thread 0): the pre-swizzled images and head weights of the item's queries 2u and 2u+1, by bulk
+    // copies on the stage's barrier. A missing second query is not copied: its columns hold stale data that
+    // only its own (unwritten) scores would read.
+    auto load_unit = [&](int stage, int u) {
+        const int ng = min(BM_QG, cnt - u * BM_QG);
+        const u32 bs = full + 8 * stage;
+        mbar_arrive_expect_tx(bs, ng * (IMG + 64 * 4));
+        for (int g = 0; g < ng; ++g) {
+            const long long t = s_meta[4 * (u * BM_QG + g)];
+#pragma unroll
+            for (int c = 0; c < PIECES; ++c)
+                bulk_copy_g2s(base + OFF_Q + stage * Q_BYTES + c * (BM_NCOL * CB) + g * (64 * CB),
+                              q_sw + t * IMG + c * (64 * CB), 64 * CB, bs);
+            bulk_copy_g2s(base + OFF_W + (stage * BM_NCOL + 64 * g) * 4, wq + t * 64, 64 * 4, bs);
+        }
+    };
+
+    const int units = (cnt + BM_QG - 1) / BM_QG;
+    if (tid == 0)
+        for (int s = 0; s < S && s < units; ++s) load_unit(s, s);
+    cp_async_wait_all();
+    fence_proxy_async();  // the key tile (cp.async, generic proxy) is read by wgmma after the barrier
+    __syncthreads();
+
+    const int row = wg * 64 + wv * 16 + (lane >> 2);  // this thread's first key row; second: +8
+    const int my_row = row + 8 * (lane & 1);          // written by lane%4 = 0 (row) and 1 (row + 8)
+    const long long my_pos = (long long)b * BM_B + my_row;
+    float acc[2 * BM_NCOL / 4];
+#pragma unroll
+    for (int i = 0; i < 2 * BM_NCOL / 4; ++i) acc[i] = 0.0f;
+
+    // No CTA-wide barrier a unit: warps wait for their unit's data (full), thread 0 waits until every warp
+    // is done with a stage (empty) before refilling it, so the two warpgroups' MMAs and epilogues interleave.
+    for (int u = 0; u < units; ++u) {
+        const int stage = u % S;
+        mbar_wait(full + 8 * stage, (u / S) & 1);  // unit u landed
+
+        // D[64 keys x 128 columns] of this warpgroup's half of the block: columns 64g + h = head h of query g.
+        const u32 q_s = base + OFF_Q + stage * Q_BYTES;
+        fence_regs<2 * BM_NCOL / 4>(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < KST; ++c) {
+            const u64 da = make_desc<DB>(base + kstep_off<DB, BM_B>(wg * 64, c));
+            const u64 db = make_desc<DB>(q_s + kstep_off<DB, BM_NCOL>(0, c));
+            wgmma_step<HT_FP8 != 0, BM_NCOL>(acc, da, db, c > 0);
+        }
+        wgmma_commit();
+        if (tid == 0 && u >= 1 && u - 1 + S < units) {  // while the MMA runs: unit u-1's stage <- unit u-1+S
+            const int prev = (u - 1) % S;
+            mbar_wait(empty + 8 * prev, ((u - 1) / S) & 1);
+            fence_proxy_async();  // the warps' reads of it before the bulk copies overwrite it
+            load_unit(prev, u - 1 + S);
+        }
+        wgmma_wait0();
+        fence_regs<2 * BM_NCOL / 4>(acc);
+
+        // Per query g: sum_h w ReLU(logit) for rows `row` (lo) and `row + 8` (hi), in wgmma_body's order (the
+        // same heads on the same lanes, the same w * q scale products), so both kernels give the same bits.
+        const float* ws = s_w + stage * BM_NCOL;
+#pragma unroll
+        for (int g = 0; g < BM_QG; ++g) {
+            if (u * BM_QG + g >= cnt) continue;  // the missing second query of an odd item (uniform)
+            const int* meta = s_meta + 4 * (u * BM_QG + g);
+            const int t = meta[0];
+            float lo = 0.0f, hi = 0.0f;
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+                const int j = 8 * g + jj;
+                const float2 w2 = *reinterpret_cast<const float2*>(ws + 64 * g + 8 * jj + 2 * (lane & 3));
+                lo = fmaf(w2.x, fmaxf(acc[4 * j + 0], 0.0f), lo);
+                lo = fmaf(w2.y, fmaxf(acc[4 * j + 1], 0.0f), lo);
+                hi = fmaf(w2.x, fmaxf(acc[4 * j + 2], 0.0f), hi);
+                hi = fmaf(w2.y, fmaxf(acc[4 * j + 3], 0.0f), hi);
+            }
+            lo += __shfl_xor_sync(FULL_MASK, lo, 1);
+            hi += __shfl_xor_sync(FULL_MASK, hi, 1);
+            lo += __shfl_xor_sync(FULL_MASK, lo, 2);
+            hi += __shfl_xor_sync(FULL_MASK, hi, 2);
+            if ((lane & 3) < 2) {
+                float v = (lane & 1) ? hi : lo;
+                if (HT_FP8) v *= s_ks[my_row];
+                st_stream(out + (long long)t * mB + meta[1] + my_row, my_pos < meta[2] ? v : NEG_INF);
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + 8 * stage);  // this warp is done with unit u's stage
+    }
+}
+
 #endif  // sm_90a and a supported row size
 
 extern "C" __global__ void __launch_bounds__(WG_NTH, 2)
@@ -473,6 +674,19 @@ hisa_token_scores_wgmma(const u8* __restrict__ q, const float* __restrict__ qsca
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HT_WGMMA_ROWS
     wgmma_body<ROWB, HT_WSTAGES>(q, qscale, w, keys, kscale, blocks, ends, out, Hi, m, B, lgB, cap, slots_per_cta,
                                  smem_bytes);
+#else
+    trap();  // wgmma needs sm_90a and a 64/128/256-byte row: launching it otherwise is a launcher bug
+#endif
+}
+
+// Two CTAs an SM (128 registers a thread) for rows up to 128 bytes; 256-byte rows need more registers.
+extern "C" __global__ void __launch_bounds__(WG_NTH, ROWB > 128 ? 1 : 2)
+hisa_token_scores_blocks(const u8* __restrict__ q_sw, const float* __restrict__ wq, const u8* __restrict__ keys,
+                         const float* __restrict__ kscale, const int* __restrict__ ends, float* __restrict__ out,
+                         const int* __restrict__ pairs, const int4* __restrict__ items,
+                         const int* __restrict__ n_items, int m, int cap, int smem_bytes) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HT_WGMMA_ROWS
+    blocks_body<ROWB, HT_BSTAGES>(q_sw, wq, keys, kscale, ends, out, pairs, items, n_items, m, cap, smem_bytes);
 #else
     trap();  // wgmma needs sm_90a and a 64/128/256-byte row: launching it otherwise is a launcher bug
 #endif
@@ -512,4 +726,130 @@ extern "C" __global__ void force_blocks(float* __restrict__ J, const int* __rest
         const int own = (e - 1) / B;  // the block holding the query's own position
         if (own < nb) row[own] = POS_INF;
     }
+}
+
+// Bucketing the (query, kept block) pairs by block for hisa_token_scores_blocks: pair e = t*m + i (block
+// blocks[e] kept by query t as its i-th) belongs to bucket blocks[e], or to the dead bucket nbk when that
+// block is padding (< 0), past the cache (>= nbk) or wholly at or past the query's end
+// (block * B >= min(ends[t], cap)). Two launches over the same grid of 1024-thread CTAs, BK_PAIRS pairs a
+// thread (the loads of a thread's pairs are all issued before its atomics):
+//   hisa_bucket_count: counts the pairs of each bucket in cnt[0 .. nbk] (global atomics; cnt[nbk + 1] the
+//     CTAs' done counter). The last CTA to finish scans the counts: bucket k's pairs start at fill[k], and
+//     are cut into items of at most qch, items[n] = (k, or -1 for the dead bucket; first pair; pair count;
+//     0); n_items[0] = the number of items. It then zeroes cnt[0 .. nbk + 1] again: the launcher keeps one
+//     zeroed cnt a device and stream order does the rest (no memset a call).
+//   hisa_bucket_scatter: every pair to its bucket's next free place in `pairs` (atomics on fill).
+// The order inside a bucket depends on the atomics, the scores do not: each pair is computed alone.
+constexpr int BK_THREADS = 1024;
+constexpr int BK_PAIRS = 4;  // pairs a thread: grid = ceil(T*m / 4096)
+
+__device__ __forceinline__ void bucket_keys(int* key, const int* __restrict__ blocks, const int* __restrict__ ends,
+                                            int n, int m, int B, int nbk, int cap) {
+#pragma unroll
+    for (int i = 0; i < BK_PAIRS; ++i) {
+        const int e = (blockIdx.x * BK_PAIRS + i) * BK_THREADS + threadIdx.x;
+        key[i] = -1;
+        if (e < n) {
+            const int t = e / m, b = blocks[e];
+            const int limit = min(ends[t], cap);
+            key[i] = (b < 0 || b >= nbk || (long long)b * B >= limit) ? nbk : b;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(BK_THREADS)
+hisa_bucket_count(const int* __restrict__ blocks, const int* __restrict__ ends, int T, int m, int B, int nbk,
+                  int cap, int qch, int* __restrict__ cnt, int* __restrict__ fill, int4* __restrict__ items,
+                  int* __restrict__ n_items) {
+    __shared__ int wsum[32][2];  // per-warp sums of the scan (pairs, items)
+    __shared__ int last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int key[BK_PAIRS];
+    bucket_keys(key, blocks, ends, T * m, m, B, nbk, cap);
+#pragma unroll
+    for (int i = 0; i < BK_PAIRS; ++i)
+        if (key[i] >= 0) atomicAdd(&cnt[key[i]], 1);
+    __threadfence();  // this CTA's counts are visible before its done ticket
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&cnt[nbk + 1], 1) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+
+    // The last CTA: thread tid scans buckets [k0, k1), then an exclusive scan of the threads' sums.
+    const int NB = nbk + 1;
+    const int per = (NB + BK_THREADS - 1) / BK_THREADS;
+    const int k0 = min(NB, tid * per), k1 = min(NB, k0 + per);
+    int sp = 0, si = 0;
+    for (int k = k0; k < k1; ++k) {
+        const int c = __ldcg(cnt + k);  // from L2, where the atomics landed
+        sp += c;
+        si += (c + qch - 1) / qch;
+    }
+    int ip = sp, ii = si;  // inclusive scans inside the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int a = __shfl_up_sync(FULL_MASK, ip, o), c = __shfl_up_sync(FULL_MASK, ii, o);
+        if (lane >= o) {
+            ip += a;
+            ii += c;
+        }
+    }
+    if (lane == 31) {
+        wsum[warp][0] = ip;
+        wsum[warp][1] = ii;
+    }
+    __syncthreads();
+    int op = ip - sp, oi = ii - si;  // exclusive: this thread's first pair and first item
+    for (int v = 0; v < warp; ++v) {
+        op += wsum[v][0];
+        oi += wsum[v][1];
+    }
+    for (int k = k0; k < k1; ++k) {
+        const int c = __ldcg(cnt + k);
+        for (int j = 0; j * qch < c; ++j) items[oi++] = make_int4(k == nbk ? -1 : k, op + j * qch, min(qch, c - j * qch), 0);
+        fill[k] = op;
+        op += c;
+    }
+    if (tid == BK_THREADS - 1) *n_items = oi;  // the last thread's end is the total
+    __syncthreads();  // every count read before any is cleared
+    for (int k = tid; k <= nbk + 1; k += BK_THREADS) cnt[k] = 0;
+}
+
+extern "C" __global__ void __launch_bounds__(BK_THREADS)
+hisa_bucket_scatter(const int* __restrict__ blocks, const int* __restrict__ ends, int T, int m, int B, int nbk,
+                    int cap, int* __restrict__ fill, int* __restrict__ pairs) {
+    int key[BK_PAIRS];
+    bucket_keys(key, blocks, ends, T * m, m, B, nbk, cap);
+#pragma unroll
+    for (int i = 0; i < BK_PAIRS; ++i)
+        if (key[i] >= 0) pairs[atomicAdd(&fill[key[i]], 1)] = (blockIdx.x * BK_PAIRS + i) * BK_THREADS + threadIdx.x;
+}
+
+// The block-major kernel's q operand, laid out so that one bulk copy lands it in shared memory ready for
+// wgmma: q_sw[t] = the 64 x ROWB image of query t's q rows in tile_off<ROWB, 64> order (the 128/64-byte
+// swizzle; rows >= Hi zero), and wq[t, h] = w[t, h] * qscale[t, h] (fp8; w alone for bf16), 0 for h >= Hi:
+// the same products wgmma_body forms. One thread a 16-byte chunk: grid covers T * 64 * ROWB / 16 threads.
+extern "C" __global__ void hisa_prepare_q(const u8* __restrict__ q, const float* __restrict__ qscale,
+                                          const float* __restrict__ w, int T, int Hi, u8* __restrict__ q_sw,
+                                          float* __restrict__ wq) {
+#if HT_WGMMA_ROWS
+    constexpr int CPR_ = ROWB / 16;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * 64 * CPR_) return;
+    const int t = (int)(i / (64 * CPR_)), r = (int)(i / CPR_ % 64), x = (int)(i % CPR_);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < Hi) v = *reinterpret_cast<const uint4*>(q + ((long long)t * Hi + r) * ROWB + x * 16);
+    *reinterpret_cast<uint4*>(q_sw + (long long)t * 64 * ROWB + tile_off<ROWB, 64>(r, x)) = v;
+    if (x == 0) {
+        float s = 0.0f;
+        if (r < Hi) {
+            s = w[(long long)t * Hi + r];
+            if (HT_FP8) s *= qscale[(long long)t * Hi + r];
+        }
+        wq[(long long)t * 64 + r] = s;
+    }
+#else
+    trap();  // only the wgmma row sizes have an image layout
+#endif
 }

@@ -11,8 +11,15 @@ top-m: the first block and each query's own block get +inf.
 
 hisa_token_scores, slots_to_positions and force_blocks dispatch on where their first array lives: CuPy
 arrays go to kernels/hisa_tokens.cu, numpy arrays to the reference (the oracle of the GPU tests).
+
+On the GPU the scores have two orders. Query-major (one CTA a query's slots) suits a few queries (decode).
+With many queries and B = 128 the launcher goes block-major: the (query, block) pairs are bucketed by block
+and a CTA scores one block's 128 keys for the queries that kept it, so a gathered q row serves 128 keys
+instead of a gathered key serving one query's 64 heads (hisa_tokens.cu kernel 5; bench/kernels.py tokens
+times both). Both give the same bits.
 """
 import functools
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -110,8 +117,16 @@ TILE = 128                   # slots per tile of the wgmma kernel (hisa_tokens.c
 MAX_TILES = 256              # tiles one CTA of the wgmma kernel can take (WG_MAXT)
 NT = 64                      # slots per tile of the mma.sync kernel
 WGMMA_ROWS = (64, 128, 256)  # q/key row bytes the wgmma kernel's swizzled layouts handle
-# "auto": the wgmma kernel on sm_90 (Hopper) where the row size allows, the mma.sync kernel otherwise;
-# "mma" forces the mma.sync kernel, "wgmma" refuses to fall back.
+BLOCK_B = 128                # the block-major kernel's block size (hisa_tokens.cu BM_B)
+BLOCK_QCH = 16               # most queries an item of the block-major kernel (one CTA) takes (-D HT_QCH;
+                             # H200, 1024 queries: 16 -> 0.18 ms, 32 or 64 -> 0.26 ms)
+BLOCK_MIN_T = 512            # below this many queries "auto" keeps the query-major kernel (H200: equal at
+                             # 256 queries, where the bucketing's launches cost as much as they save; 1.5x at 1024 with 32-query items)
+MAX_BUCKETS = 1 << 20        # blocks of the cache the bucketing scan takes (1024 threads, <= 1025 buckets each)
+BUCKET_THREADS, BUCKET_PAIRS = 1024, 4  # hisa_tokens.cu BK_THREADS, BK_PAIRS
+# "auto": on sm_90 (Hopper) the block-major wgmma kernel when B = 128 and there are >= BLOCK_MIN_T queries,
+# else the query-major wgmma kernel where the row size allows, else the mma.sync kernel. "blocks", "wgmma"
+# and "mma" force one kernel (and refuse to fall back).
 DEFAULT_PATH = "auto"
 
 _U8, _U16, _I32, _F32 = (np.dtype(d) for d in (np.uint8, np.uint16, np.int32, np.float32))
@@ -153,13 +168,36 @@ def wgmma_smem(row_bytes, stages):
     return 64 * row_bytes + stages * (128 * row_bytes + 1024) + 4 * (MAX_TILES + 1) + 1024
 
 
+def blocks_smem(row_bytes, stages):
+    """Dynamic shared memory of the block-major kernel (blocks_body's SMEM): the block's key tile, `stages`
+    q tiles of 2 queries with their head weights and two barriers each, the k scales, (t, slot, limit) of each
+    query of the item, 1024 bytes of alignment slack."""
+    return 128 * row_bytes + stages * (128 * row_bytes + 128 * 4 + 16) + 128 * 4 + BLOCK_QCH * 16 + 1024
+
+
+def blocks_stages(row_bytes):
+    """Depth of the block-major kernel's q ring: the deepest (2..5) within ~110 KB, two CTAs an SM (~220 KB
+    and one CTA for 256-byte rows, whose registers allow only one: hisa_tokens.cu's launch bounds)."""
+    budget = (110 if row_bytes <= 128 else 220) * 1024
+    stages = 5
+    while stages > 2 and blocks_smem(row_bytes, stages) > budget:
+        stages -= 1
+    return stages
+
+
 def defines(fp8, Di, Hi):
-    """hisa_tokens.cu's -D set for one (mode, Di, Hi); both score kernels compile from it."""
+    """hisa_tokens.cu's -D set for one (mode, Di, Hi); every score kernel compiles from it."""
     row_bytes = Di * (1 if fp8 else 2)
     mt = 1 if Hi <= 16 else 2 if Hi <= 32 else 4
     stages = 3 if 3 * NT * (row_bytes + 16) <= 40 * 1024 else 2
     return (f"HT_FP8={int(fp8)}", f"HT_DI={Di}", f"HT_MT={mt}", f"HT_STAGES={stages}",
-            f"HT_WSTAGES={wgmma_stages(row_bytes)}")
+            f"HT_WSTAGES={wgmma_stages(row_bytes)}", f"HT_BSTAGES={blocks_stages(row_bytes)}", f"HT_QCH={BLOCK_QCH}")
+
+
+def blocks_items(T, m, nbk, qch=BLOCK_QCH):
+    """Upper bound on the block-major kernel's items (its grid): every bucket's last item may be partial, and
+    at most min(nbk + 1, T*m) buckets (the cache's blocks and the dead one) hold pairs."""
+    return -(-T * m // qch) + min(nbk + 1, T * m)
 
 
 def plan(T, Hi, Di, fp8, m, B, wgmma, num_sms=132, splits=None):
@@ -210,7 +248,7 @@ def _launch(device, T, Hi, Di, fp8, m, B, cap, path, splits):
     check(row_bytes % 32 == 0 and row_bytes <= 256,
           f"hisa_token_scores: Di = {Di} ({row_bytes} bytes a row); rows must be a multiple of 32 bytes, at most 256")
     check(m * B + TILE < 2**31, f"hisa_token_scores: m*B = {m * B} slots overflow int32")
-    check(path in ("auto", "wgmma", "mma"), f"hisa_token_scores: path {path!r}, expected auto, wgmma or mma")
+    check(path in ("auto", "wgmma", "mma"), f"hisa_token_scores: path {path!r}, expected auto, blocks, wgmma or mma")
     defs = defines(fp8, Di, Hi)
     wgmma = path != "mma" and row_bytes in WGMMA_ROWS and _module(defs)[1]
     check(path != "wgmma" or wgmma, f"hisa_token_scores: the wgmma kernel needs an sm_90 GPU (sm_90a build) and "
@@ -223,6 +261,84 @@ def _launch(device, T, Hi, Di, fp8, m, B, cap, path, splits):
     else:
         tail = (i32(Hi), i32(m), i32(B), i32(cap), i32(per_cta))
     return _function(defs, name, smem), grid, block, smem, tail
+
+
+class BlocksLaunch(NamedTuple):
+    """The block-major path's kernels for one call shape (see _blocks_launch)."""
+    count: Any      # hisa_bucket_count
+    scatter: Any    # hisa_bucket_scatter
+    prepare: Any    # hisa_prepare_q
+    scores: Any     # hisa_token_scores_blocks
+    n_max: int      # items bound: the score kernel's grid
+    smem: int       # the score kernel's dynamic shared memory
+    nbk: int        # blocks of the cache (buckets besides the dead one)
+
+
+@functools.lru_cache(maxsize=256)
+def _blocks_launch(device, T, Hi, Di, fp8, m, B, cap, path):
+    """The block-major path's BlocksLaunch for one call shape, or None where "auto" keeps the query-major
+    kernels; a forced path="blocks" that cannot run raises instead."""
+    if path not in ("auto", "blocks"):
+        return None
+    row_bytes = Di * (1 if fp8 else 2)
+    nbk = -(-cap // B)
+    why = ("needs B = 128" if B != BLOCK_B else
+           f"needs rows of {WGMMA_ROWS} bytes (here {row_bytes})" if row_bytes not in WGMMA_ROWS else
+           f"holds at most {MAX_BUCKETS} blocks of cache (here {nbk})" if nbk > MAX_BUCKETS else
+           f"needs T*m < 2^31 - 4096 (here {T * m})" if T * m >= 2**31 - 4096 else
+           f"holds 1 to 64 heads (here {Hi})" if not 1 <= Hi <= 64 else None)
+    defs = defines(fp8, Di, Hi)
+    if why is None and not _module(defs)[1]:
+        why = "needs an sm_90 GPU (sm_90a build)"
+    if path == "blocks":
+        check(why is None, f"hisa_token_scores: the block-major kernel {why}")
+    elif why is not None or T < BLOCK_MIN_T:
+        return None
+    smem = blocks_smem(row_bytes, blocks_stages(row_bytes))
+    return BlocksLaunch(_function(defs, "hisa_bucket_count", 0), _function(defs, "hisa_bucket_scatter", 0),
+                        _function(defs, "hisa_prepare_q", 0), _function(defs, "hisa_token_scores_blocks", smem),
+                        blocks_items(T, m, nbk), smem, nbk)
+
+
+@per_device
+def _bucket_counters():
+    """The bucketing's counters, zeroed once: hisa_bucket_count leaves them zeroed after every call. Calls on
+    one stream run in order; the launchers use the current stream, like every CuPy operation."""
+    import cupy as cp
+    return cp.zeros(MAX_BUCKETS + 2, np.int32)
+
+
+def bucket_pairs(launch, blocks, ends, T, m, B, cap):
+    """hisa_bucket_count + hisa_bucket_scatter -> (items int32 [n_max, 4], pairs int32 [T*m], n_items int32 [1]),
+    all on the device (n_items[0] <= n_max items are valid)."""
+    import cupy as cp
+    n_max, nbk = launch.n_max, launch.nbk
+    # items (int4, first: 16-byte aligned), pairs, fill, n_items: every element written by the kernels
+    scratch = cp.empty(4 * n_max + T * m + nbk + 2, np.int32)
+    o1, o2 = 4 * n_max, 4 * n_max + T * m
+    items, pairs, fill, n_items = scratch[:o1], scratch[o1:o2], scratch[o2:-1], scratch[-1:]
+    cnt = _bucket_counters()
+    i32 = np.int32
+    grid = (-(-T * m // (BUCKET_THREADS * BUCKET_PAIRS)),)
+    shape = (blocks, ends, i32(T), i32(m), i32(B), i32(nbk), i32(cap))
+    launch.count(grid, (BUCKET_THREADS,), shape + (i32(BLOCK_QCH), cnt, fill, items, n_items))
+    launch.scatter(grid, (BUCKET_THREADS,), shape + (fill, pairs))
+    return items.reshape(n_max, 4), pairs, n_items
+
+
+def _token_scores_blocks(launch, q, qs, w, keys, ks, blocks, B, ends, out, T, Hi, m, cap):
+    """Bucket the (query, block) pairs by block, lay q out for bulk copies (hisa_prepare_q), then one CTA an
+    item scores a block for its queries."""
+    import cupy as cp
+    items, pairs, n_items = bucket_pairs(launch, blocks, ends, T, m, B, cap)
+    row_bytes = q.shape[2] * q.itemsize
+    q_sw, wq = cp.empty(T * 64 * row_bytes, np.uint8), cp.empty(T * 64, np.float32)
+    i32 = np.int32
+    chunks = T * 64 * row_bytes // 16
+    launch.prepare((-(-chunks // 256),), (256,), (q, qs, w, i32(T), i32(Hi), q_sw, wq))
+    launch.scores((launch.n_max,), (256,), (q_sw, wq, keys, ks, ends, out, pairs, items, n_items, i32(m), i32(cap),
+                                            i32(launch.smem)), shared_mem=launch.smem)
+    return out
 
 
 def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=None, *, out=None, path=None,
@@ -270,7 +386,11 @@ def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=N
         _want(out, "out", _F32, (T, m * B))
     if T == 0 or m == 0:
         return out
-    fn, grid, block, smem, tail = _launch(cp.cuda.Device().id, T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH,
+    device = cp.cuda.Device().id
+    blocks_launch = _blocks_launch(device, T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH)
+    if blocks_launch is not None:
+        return _token_scores_blocks(blocks_launch, q, qs, w, keys, ks, blocks, B, ends, out, T, Hi, m, cap)
+    fn, grid, block, smem, tail = _launch(device, T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH,
                                           None if splits is None else int(splits))
     fn(grid, block, (q, qs, w, keys, ks, blocks, ends, out) + tail, shared_mem=smem)
     return out

@@ -195,6 +195,17 @@ __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
+// One arrival on bar that also expects `bytes` more of asynchronous copies (cp.async.bulk complete_tx) in
+// this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Bulk copy (the TMA unit, no tensor map) of `bytes` contiguous bytes global -> shared, counted on bar's
+// transaction count. dst, src and bytes multiples of 16.
+__device__ __forceinline__ void bulk_copy_g2s(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
 // One arrival on bar once every cp.async this thread issued before has landed (.noinc: it counts towards the
 // barrier's init count like an ordinary arrival). Needs no commit group.
 __device__ __forceinline__ void cp_async_mbar_arrive(u32 bar) {

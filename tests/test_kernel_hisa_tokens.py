@@ -214,13 +214,15 @@ RTOL = {("fp8", "mma"): 1e-3,    # exact products, fp32 sums in another order
         ("fp8", "wgmma"): 2e-3,  # Hopper's fp8 wgmma accumulates with fewer than fp32's bits
         ("bf16", "mma"): 1e-3, ("bf16", "wgmma"): 1e-3}
 MTOL = {("fp8", "mma"): 2e-5, ("fp8", "wgmma"): 1e-4, ("bf16", "mma"): 2e-5, ("bf16", "wgmma"): 2e-5}
+for _mode in ("fp8", "bf16"):  # the block-major kernel runs the same MMAs (and sums) as the wgmma one
+    RTOL[_mode, "blocks"], MTOL[_mode, "blocks"] = RTOL[_mode, "wgmma"], MTOL[_mode, "wgmma"]
 
 
 def gpu_paths():
     if not HAVE_GPU:
-        return ["mma", "wgmma"]
+        return ["mma", "wgmma", "blocks"]
     import cupy as cp
-    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability == "90" else ["mma"]
+    return ["mma", "wgmma", "blocks"] if cp.cuda.Device().compute_capability == "90" else ["mma"]
 
 
 def slot_visibility(blocks, B, ends):
@@ -402,6 +404,8 @@ def test_gpu_released_dims_1024_queries(mode, path):
     ("bf16", 64, 128, 128, 8, 2048, 3),  # 256-byte bf16 rows
 ])
 def test_gpu_ragged_small(mode, Hi, Di, B, m, cap, T, path):
+    if path == "blocks" and B != ht.BLOCK_B:
+        pytest.skip(f"the block-major kernel serves B = {ht.BLOCK_B} only (here {B})")
     rng = np.random.default_rng(13)
     gpu_case(rng, T, Hi, Di, B, m, cap, mode, path, n_pad=1)
 
@@ -470,3 +474,74 @@ def test_gpu_force_blocks():
         Jg = cp.asarray(J)
         assert force_blocks(Jg, cp.asarray(ends), B) is Jg
         np.testing.assert_array_equal(Jg.get(), want)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_gpu_blocks_equals_wgmma_bitwise(mode):
+    """The block-major kernel multiplies the same key rows by the same q rows and sums heads in the same order
+    on the same lanes as the query-major wgmma kernel: the two outputs must be the same bits. Ragged ends, padding
+    blocks, blocks past the end, queries sharing blocks (block 0 in every row) and an odd query count."""
+    import cupy as cp
+    if "blocks" not in gpu_paths():
+        pytest.skip("the block-major kernel needs an sm_90 GPU")
+    rng = np.random.default_rng(21)
+    T, Hi, Di, B, m, cap = 301, 64, 128, 128, 16, 64 * 128
+    q, w, keys, qs, ks = make_inputs(rng, T, Hi, Di, cap, mode)
+    blocks = random_blocks(rng, T, m, cap // B, n_pad=2)
+    blocks[:, 0] = 0
+    blocks = np.sort(np.where(blocks < 0, 10**6, blocks), axis=1)
+    blocks[blocks == 10**6] = -1
+    ends = rng.integers(1, cap + 1, T).astype(np.int32)
+    ends[:4] = [1, 128, 129, cap]
+    args = [cp.asarray(a) if a is not None else None for a in (q, w, keys, blocks)]
+    tail = (cp.asarray(ends), None if qs is None else cp.asarray(qs), None if ks is None else cp.asarray(ks))
+    got = {p: ht.hisa_token_scores_gpu(*args, B, *tail, out=cp.full((T, m * B), np.nan, np.float32), path=p).get()
+           for p in ("blocks", "wgmma")}
+    diff = got["blocks"].view(np.uint32) != got["wgmma"].view(np.uint32)
+    assert not diff.any(), f"{mode}: blocks and wgmma differ at (t, j) {np.argwhere(diff)[:5].tolist()}"
+
+
+@gpu
+def test_gpu_bucket_invariants():
+    """The bucketing alone (hisa_bucket_count, hisa_bucket_scatter): pairs is a permutation of 0 .. T*m-1
+    grouped by bucket; the items cover every pair once, each within one bucket and at most BLOCK_QCH long; the
+    dead item holds exactly the invisible pairs."""
+    import cupy as cp
+    if "blocks" not in gpu_paths():
+        pytest.skip("the block-major kernel needs an sm_90 GPU")
+    rng = np.random.default_rng(22)
+    for T, m, cap in [(1, 4, 1000), (37, 64, 256 * 128), (1024, 64, 1024 * 128), (300, 64, 20000 * 128)]:
+        nbk = -(-cap // 128)
+        blocks = random_blocks(rng, T, m, nbk, n_pad=3)
+        ends = rng.integers(-1, cap + 1, T).astype(np.int32)
+        launch = ht._blocks_launch(cp.cuda.Device().id, T, 64, 128, True, m, 128, cap, "blocks")
+        n_max = launch.n_max
+        items, pairs, n_items = ht.bucket_pairs(launch, cp.asarray(blocks), cp.asarray(ends), T, m, 128, cap)
+        n = int(n_items.get()[0])
+        items, pairs = items.get()[:n], pairs.get()
+        assert 1 <= n <= n_max and np.array_equal(np.sort(pairs), np.arange(T * m))
+        b = blocks.reshape(-1)
+        t = np.arange(T * m) // m
+        dead = (b < 0) | (b >= nbk) | (b.astype(np.int64) * 128 >= np.minimum(ends[t], cap))
+        covered = np.zeros(T * m, np.int64)
+        for blk, start, count, _ in items:
+            assert 1 <= count <= ht.BLOCK_QCH
+            e = pairs[start:start + count]
+            covered[e] += 1
+            if blk < 0:
+                assert dead[e].all()
+            else:
+                assert (~dead[e]).all() and (b[e] == blk).all()
+        assert (covered == 1).all()
+
+
+@gpu
+def test_gpu_blocks_path_refuses_what_it_cannot_run():
+    import cupy as cp
+    rng = np.random.default_rng(23)
+    q, w, keys, qs, ks = make_inputs(rng, 2, 64, 128, 640, "fp8")
+    blocks = cp.asarray(random_blocks(rng, 2, 4, 10, 0))
+    with pytest.raises(ValueError, match="B = 128"):
+        ht.hisa_token_scores_gpu(cp.asarray(q), cp.asarray(w), cp.asarray(keys), blocks, 64,
+                                 cp.asarray(np.array([640, 5], np.int32)), cp.asarray(qs), cp.asarray(ks), path="blocks")
