@@ -134,13 +134,20 @@ def module_sm90a(filename, defines=()):
     return module(filename, tuple(defines)), False
 
 
-def with_dynamic_smem(f, smem):
-    """Opt kernel f into `smem` bytes of dynamic shared memory (above 48 KB needs the opt-in)."""
+def with_dynamic_smem(f, smem, carveout=None):
+    """Opt kernel f into `smem` bytes of dynamic shared memory (above 48 KB needs the opt-in). carveout: the
+    percentage of the SM's L1/shared storage to prefer as shared memory (100: all it can be), for a kernel that
+    counts on several CTAs sharing an SM; None leaves the driver's choice."""
     if hasattr(f, "max_dynamic_shared_size_bytes"):  # RawKernel (CuPy-built module)
         f.max_dynamic_shared_size_bytes = smem
+        if carveout is not None:
+            f.preferred_shared_memory_carveout = carveout
     else:                                            # cupy.cuda.function.Function (our sm_90a build)
         drv = cp.cuda.driver
         drv.funcSetAttribute(f.ptr, getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8), smem)
+        if carveout is not None:
+            drv.funcSetAttribute(f.ptr, getattr(drv, "CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT", 9),
+                                 carveout)
     return f
 
 

@@ -29,23 +29,23 @@
 //       e4m3 per 128-channel block into a fresh accumulator and promote it into their fp32 totals with
 //       sx[token] * sw, each at its own pace. Grid min(tiles, SMs) CTAs of 384 threads walking the tiles in a
 //       grouped raster, dynamic shared memory 6 * 32 KB + 1 KB + barriers. Details at the kernel.
-//   fp8_gemv_t8 / _t16  decode (T <= 16; and, with grid.z token tiles of 16, the mma.sync fallback for any
-//       T). Memory-bound: the weight is streamed once in 16-byte loads that skip L1. CTA = 8 warps on 64
-//       weight rows: warp w takes rows 32 * (w % 2) .. +31 and every 4th K block starting at w / 2; per
-//       block it converts e4m3 -> f16 (exact) in registers and runs mma.sync m16n8k16 (f32 accumulate)
-//       with the weight rows as M and up to 8 (_t8) or 16 (_t16) tokens as N, then promotes. The 4 warps
-//       of a row set are summed in shared memory. Few rows (decode of a narrow layer) leave SMs idle,
-//       so grid.y splits K as well: each CTA stores its partial to ws[split], and the last CTA of a
-//       tile (an atomic ticket in counters[]) adds the splits in split order, so the result does not
-//       depend on timing, and resets its ticket for the next launch. Grid (ceil(N / 64), splits,
-//       ceil(T / 16)); ws float [splits, T, N] and counters int [grid.x * grid.z] (zero on entry) are
-//       only touched when splits > 1.
+//   fp8_gemv_t8 / _t16  decode (T <= 16; and, over token tiles of 16, the mma.sync fallback for any T).
+//       Memory-bound: the weight is streamed once. Units of (token tile, 32-128 weight rows, one K block), an
+//       equal run of them per CTA of a one-wave grid (2 CTAs of 4 warps per SM), so every SM streams the same
+//       bytes; each warp keeps 3 units (12 KB of weight) in flight in its own cp.async ring in shared memory,
+//       converts e4m3 -> f16 (exact) and runs mma.sync m16n8k16 (f32 accumulate) with 32 weight rows as M and up
+//       to 8 (_t8) or 16 (_t16) tokens as N, one fresh accumulator per block, then promotes. The 4 warps of a
+//       CTA split the rows or K (kw = 1, 2, 4); where a run of units ends inside a key (a block of outputs), the
+//       CTA stores its partial in ws and the last one to finish (an atomic ticket in counters[]) adds the pieces
+//       in CTA order, so the result does not depend on timing. Grid C CTAs of 128 threads; ws float
+//       [2 C, 8 NT, 128 / kw] and counters int [keys] (zero on entry and exit) serve cut keys only. Details at
+//       the kernel.
 //   fp8_grouped_gemm_wgmma, fp8_grouped_gemv_t8 / _t16  the same kernels over groups of rows (a mixture of
 //       experts): x8 / sx rows sorted by expert, w8 [E, N, K] and sw [E, ceil(N / 128), KB] stacked, y [R, N].
 //       A table of tiles int [n, 3] = (expert, first row, end of that expert's rows), built by the launcher
 //       with at most 128 (wgmma) or 8 / 16 (GEMV) rows per tile and never two experts' rows in one, takes
 //       the place of the token-tile index: wgmma tiles n * ceil(N / 128) (the same raster and grid rule), GEMV
-//       grid (ceil(N / 64), splits, n). Each CTA offsets w8 and sw to its expert and stops at the group's end.
+//       units over all n tiles at once. Each tile offsets w8 and sw to its expert and stops at the group's end.
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, wgmma and mbarrier helpers
 // come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
@@ -64,30 +64,23 @@ __device__ __forceinline__ void st_shared16(u32 addr, uint4 v) {
                : "memory");
 }
 
-// Weight bytes are read exactly once per launch: do not let them evict anything from L1.
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
+// 16 bytes global -> shared through L1 (.ca): small data that the other warps of the SM read too (x8 rows).
+// src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16_ca(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
-// Small read-only data (x8, scales): through the non-coherent path, cached in L1.
-__device__ __forceinline__ uint4 ld_nc16(const void* p) {
-  uint4 r;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
+// Small read-only data (scales): through the non-coherent path, cached in L1.
 __device__ __forceinline__ float ld_nc(const float* p) {
   float r;
   asm("ld.global.nc.f32 %0, [%1];" : "=f"(r) : "l"(p));
   return r;
 }
 // Data written by other CTAs of this launch: from L2, never from a stale L1 line.
-__device__ __forceinline__ float ld_cg(const float* p) {
-  float r;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p) : "memory");
+__device__ __forceinline__ float4 ld_cg4(const float* p) {
+  float4 r;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p)
+               : "memory");
   return r;
 }
 
@@ -97,13 +90,16 @@ __device__ __forceinline__ uint4 zero4() {
   return z;
 }
 
+__device__ __forceinline__ float4 add4(float4 a, float4 b) {
+  a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+  return a;
+}
+
 __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
-// 16 weight bytes of one row from column `col` (a multiple of 16); zeros past K. With VEC the row is
-// 16-byte aligned and K % 16 == 0, so a chunk is either wholly inside the row or wholly past its end.
-template <bool VEC>
-__device__ __forceinline__ uint4 load_w16(const u8* __restrict__ row, int col, int K) {
-  if constexpr (VEC) return col < K ? ld_stream16(row + col) : zero4();
+// 16 weight bytes of one row from column `col` (a multiple of 16), one byte at a time: any K, any alignment
+// (the vec = 0 paths); zeros past K.
+__device__ __forceinline__ uint4 load_w16_bytes(const u8* __restrict__ row, int col, int K) {
   u32 w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int i = 0; i < 16; ++i)
@@ -186,10 +182,58 @@ extern "C" __global__ void quantize_act_bf16(const u16* __restrict__ x, u8* __re
 
 // ---------------------------------------------------------------------------------------------------
 // Decode GEMV (and the mma.sync fallback): weight rows x up to 16 tokens on mma.sync
+//
+// Memory-bound: every weight byte is read once, so the kernel is about keeping enough of the weight in flight on
+// every SM (Little's law: ~4.8 TB/s x ~1 us of loaded latency / 132 SMs = ~36 KB per SM) and about every SM
+// streaming the same number of bytes, whatever the shape.
+//
+// Work. Units: token tile z (8 NT tokens; grouped: row z of the tile table) x group g of NR weight rows x K block
+// b. A key (z, g) is one block of outputs; unit u = key * KB + b, G = ceil(N / NR) groups, U = Z * G * KB units.
+// CTA c of the C in the grid takes units [start(c), start(c + 1)), start(c) = floor(c * U / C): the same number of
+// units (+-1) for every CTA. The launcher makes C at most 2 per SM, all resident at once, so a launch is one wave
+// that ends together, and cuts a narrow layer along K so that it still reaches every SM.
+//
+// CTA = 4 warps = RW row sets of 32 rows x KW K phases (RW * KW = 4, NR = 32 RW; KW = 1, 2 or 4, the launcher's
+// choice). Warp w is row set w / KW and phase w % KW: it takes the CTA's units start(c) + phase, + KW, + 2 KW, ..,
+// and of each, weight rows g * NR + 32 (w / KW) .. + 31. KW = 1: the 4 warps read 4 row sets of one block (and
+// share its x chunk through L1), for wide layers. KW = 4: they read 4 blocks of one row set; a key is then 32 rows,
+// so a narrow layer's keys are cut into fewer pieces across CTAs (see the end of a key, below).
+//
+// Streaming. Each warp runs its own ring of GV_STAGES slots in shared memory. A slot holds one unit of the warp: its
+// 32 weight rows x 128 bytes, the tile's 8 NT rows of x8 for that block (rows of 16-byte chunks, chunk x of row r
+// stored at x ^ 4 (r & 1), so that the fragment loads below have no bank conflicts), then sx of those tokens and
+// the weight scale. All of it comes by cp.async: the weight with .cg (read once: not kept in L1), x and the scales
+// with .ca (the CTA's other warps read them too). A warp keeps GV_STAGES - 1 = 3 units (12 KB of weight) in flight
+// while it computes one: 8 warps per SM, 96 KB in flight per SM, and no CTA barrier anywhere in the stream.
+//
+// Math per unit, as the reference's: thread (g = lane / 4, q = lane % 4) takes, of weight rows g and g + 8 of each
+// m16 group and token row g of each n8 tile, the 16 bytes at 64c + 16q of the block, c = 0, 1. Word j of such a
+// chunk makes one k16 step: its low two bytes fill the fragment slots k = 2q, 2q+1 and its high two bytes k = 2q+8,
+// 2q+9 (m16n8k16 layout: a0/a1 rows g/g+8 at 2q.., a2/a3 at 2q+8..; b0 at 2q.., b1 at 2q+8..). A slot maps to the
+// same channel 64c + 16q + 4j + {0..3} in A and in B, whatever g, so each mma sums true products; which channels go
+// to which step does not change the block's sum. e4m3 -> f16 is exact and so are the products in the fp32
+// accumulator: the block's dot is formed alone (8 k16 steps into a fresh accumulator), then scaled by sx * sw and
+// added to the warp's fp32 totals, blocks in K order.
+//
+// The end of a key. When the CTA has computed the last unit of a key in its range, its phase warps' totals are
+// added in shared memory (red[phase][token][row], phases in order), then
+//   - the CTA had the key's whole K range: it stores y;
+//   - else CTAs c0 .. c1 each hold a piece of the key. Each stores its piece in ws at (CTA, slot), slot 0 for the
+//     first key of its range and 1 for the last (a key strictly inside a CTA's range is whole there, so 2 C slots
+//     are enough), and takes a ticket of counters[key]; the CTA with the last ticket adds the pieces of c0, c0 + 1,
+//     .., c1 in that order (so the result does not depend on timing), stores y and resets the ticket.
+// ws float [2 C, 8 NT, NR] and counters int [Z * G] (zero on entry, zero again on exit) serve cut keys only.
+//
+// Grid C CTAs of GV_THREADS, GV_SMEM(NT) bytes of dynamic shared memory (2 CTAs fit an SM).
 
-#define GV_THREADS 256
-#define GV_ROWS 64   // weight rows per CTA (two sets of 32)
-#define GV_PHASES 4  // warps per row set, taking every 4th K block
+#define GV_WARPS 4
+#define GV_THREADS (32 * GV_WARPS)
+#define GV_STAGES 4                               // ring slots per warp: 3 units in flight, 1 computed
+#define GV_SLOT_X 4096                            // a slot: 32 weight rows x 128 bytes, then the x rows,
+#define GV_SLOT_S(NT) (GV_SLOT_X + 1024 * (NT))   // then sx[0 .. 8 NT - 1] and sw at +64,
+#define GV_SLOT(NT) (GV_SLOT_S(NT) + 128)         // 16-byte aligned
+#define GV_RED(NT) (8 * (NT) * 144 * 4)           // red [KW][8 NT][NR + 4] floats: 8 NT x (128 + 4 KW) at most
+#define GV_SMEM(NT) (GV_WARPS * GV_STAGES * GV_SLOT(NT) + GV_RED(NT))
 
 __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v16) {  // low byte -> low half; exact
   u32 r;
@@ -205,208 +249,309 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// K-order bookkeeping. Thread (g = lane/4, q = lane%4) loads, for each of its rows (weight rows g and
-// g+8 of an m16 group; token g of an n8 tile), the 16 bytes at 64c + 16q of the block, c = 0, 1: each
-// 64-byte half of a 128-byte block row is read whole by one instruction. Word j of such a chunk makes
-// one k16 step: its low two bytes fill the fragment slots k = 2q, 2q+1 and its high two bytes k = 2q+8,
-// 2q+9 (m16n8k16 layout: a0/a1 rows g/g+8 at 2q.., a2/a3 at 2q+8..; b0 at 2q.., b1 at 2q+8..). A slot
-// maps to the same channel 64c + 16q + 4j + {0..3} in A and in B, independently of g, so each mma sums
-// true products; which channels go to which step is irrelevant to the block's sum.
-//
-// The CTA computes tokens tok0 .. min(tok0 + 8 * NT, T) - 1 (T: the end of its tokens, exclusive) against
-// weight rows 64 * blockIdx.x ..; y and ws have R rows (the plain kernels: tok0 = 16 * blockIdx.z, T = R).
-template <int NT, bool VEC>
-__device__ __forceinline__ void gemv_body(const u8* __restrict__ x8, const float* __restrict__ sx,
-                                          const u8* __restrict__ w8, const float* __restrict__ sw,
-                                          float* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
-                                          int tok0, int T, int R, int N, int K, float (*red)[GV_ROWS][16],
-                                          int* last) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, q = lane & 3;
-  const int rset = warp % 2, phase = warp / 2;
-  const int KB = (K + 127) / 128, KP = KB * 128;
-  const int row0 = blockIdx.x * GV_ROWS;             // CTA's first weight row; all 64 share one scale row
-  const int n0 = row0 + rset * 32;                   // this warp's first row
-  const int split = blockIdx.y, nsplit = gridDim.y;
-  const int kb0 = (int)((long long)split * KB / nsplit), kb1 = (int)((long long)(split + 1) * KB / nsplit);
-  const float* swrow = sw + (long long)(row0 / 128) * KB;
+// Byte offset of 16-byte chunk x (0..7) of row r of a slot's 128-byte rows. A quarter warp's 16-byte fragment
+// loads (lanes 8k .. 8k+7: chunks 4c + q of rows 2k', 2k' + 1) then cover all 32 banks once.
+__device__ __forceinline__ int gv_chunk(int r, int x) { return r * 128 + ((x ^ ((r & 1) << 2)) << 4); }
 
-  float acc[2][NT][4];
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
+// Token tile z: rows row0 .. row0 + rows - 1 of x8, sx and y, and the weight they multiply. Plain (tiles ==
+// nullptr): tokens 8 NT z .. of T. Grouped: row z of the tile table (expert e, first row, end of e's rows), with
+// w8 / sw offset to expert e.
+struct GvTile {
+  const u8* w8;
+  const float* sw;
+  int row0, rows;
+};
 
-  // Rows past N and tokens past T re-read the last real one: an mma output (row, token) depends only on
-  // that row and that token, and those outputs are never stored, so no predicates are needed.
-  const u8* wrow[2][2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) wrow[r][h] = w8 + (long long)min(n0 + 16 * r + 8 * h + g, N - 1) * K;
-  const u8* xrow[NT];
-  int tcol[NT][2];  // the tokens of accumulator columns 2q, 2q+1
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    xrow[nt] = x8 + (long long)min(tok0 + 8 * nt + g, T - 1) * KP;
-    tcol[nt][0] = min(tok0 + 8 * nt + 2 * q, T - 1);
-    tcol[nt][1] = min(tok0 + 8 * nt + 2 * q + 1, T - 1);
+template <int NT>
+__device__ __forceinline__ GvTile gv_tile(int z, const int* __restrict__ tiles, const u8* __restrict__ w8,
+                                          const float* __restrict__ sw, int T, int N, int K) {
+  GvTile t;
+  if (tiles == nullptr) {
+    t.w8 = w8, t.sw = sw, t.row0 = z * 8 * NT, t.rows = min(8 * NT, T - t.row0);
+  } else {
+    const int* row = tiles + 3 * z;
+    const long long e = row[0], KB = (K + 127) / 128, NB = (N + 127) / 128;
+    t.w8 = w8 + e * N * K, t.sw = sw + e * NB * KB, t.row0 = row[1], t.rows = min(8 * NT, row[2] - row[1]);
   }
+  return t;
+}
 
-  for (int b = kb0 + phase; b < kb1; b += GV_PHASES) {
-    // Issue every load of the block before the first use, so ~128 bytes per thread are in flight.
-    uint4 wv[2][2][2];
+// One unit into the slot at shared address `slot`: weight rows n0 .. n0 + 31 of block b (zeros past N and K), the
+// tile's token rows (zeros past its end) and their scales. Lane l copies chunk l % 8 of rows l / 8 + 4i. Without
+// VEC the weight goes through registers and st.shared (any K or alignment; the __syncwarp before its use orders it).
+template <int NT, bool VEC>
+__device__ __forceinline__ void gv_issue(u32 slot, const GvTile& t, int n0, int b, const u8* __restrict__ x8,
+                                         const float* __restrict__ sx, int N, int K, int lane) {
+  const int KB = (K + 127) / 128, x = lane & 7, r0 = lane >> 3, col = b * 128 + 16 * x;
+  const u8* w = t.w8 + (long long)(n0 + r0) * K + col;  // row n0 + r0 + 4i at w + 4i K
+#pragma unroll
+  for (int i = 0; i < 8; ++i, w += 4ll * K) {
+    const int r = r0 + 4 * i;
+    if constexpr (VEC) {  // 16-byte aligned rows, K % 16 == 0: a chunk is wholly inside its row or past its end
+      const bool ok = n0 + r < N && col < K;
+      cp_async16(slot + gv_chunk(r, x), ok ? w : t.w8, ok ? 16 : 0);
+    } else {
+      st_shared16(slot + gv_chunk(r, x), n0 + r < N ? load_w16_bytes(w - col, col, K) : zero4());
+    }
+  }
+  const u8* xr = x8 + (long long)(t.row0 + r0) * KB * 128 + col;  // token row r0 + 4i at xr + 4i KP
+#pragma unroll
+  for (int i = 0; i < 2 * NT; ++i, xr += 4ll * KB * 128) {
+    const int r = r0 + 4 * i;
+    cp_async16_ca(slot + GV_SLOT_X + gv_chunk(r, x), r < t.rows ? xr : x8, r < t.rows ? 16 : 0);
+  }
+  if (lane < 8 * NT) {
+    const bool ok = lane < t.rows;
+    cp_async4(slot + GV_SLOT_S(NT) + 4 * lane, sx + (ok ? (long long)(t.row0 + lane) * KB + b : 0), ok ? 4 : 0);
+  }
+  if (lane == 31) cp_async4(slot + GV_SLOT_S(NT) + 64, t.sw + (long long)(n0 / 128) * KB + b, 4);
+}
+
+// One unit from its slot (s: a pointer into shared memory) into the warp's totals acc[m16 group r][n8 tile nt][i];
+// element i is weight row 16r + g (+8 for i >= 2), token 8nt + 2q + (i & 1).
+template <int NT>
+__device__ __forceinline__ void gv_compute(const u8* s, float (&acc)[2][NT][4], int lane) {
+  const int g = lane >> 2, q = lane & 3;
+  uint4 wv[2][2][2], xv[NT][2];  // [m16 group][row g, g + 8][c], [n8 tile][c]
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          wv[r][h][c] = load_w16<VEC>(wrow[r][h], b * 128 + 64 * c + 16 * q, K);
-    uint4 xv[NT][2];
+        wv[r][h][c] = *reinterpret_cast<const uint4*>(s + gv_chunk(16 * r + 8 * h + g, 4 * c + q));
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        xv[nt][c] = ld_nc16(xrow[nt] + b * 128 + 64 * c + 16 * q);
-    const float swb = ld_nc(swrow + b);
-    float m[NT][2];  // sx * sw for the accumulator columns 2q, 2q+1 of each n8 tile
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) m[nt][i] = ld_nc(sx + (long long)tcol[nt][i] * KB + b) * swb;
-
-    float d[2][NT][4];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d[r][nt][i] = 0.f;
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        u32 bf[NT][2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const u32 xw = word(xv[nt][c], j);
-          bf[nt][0] = e4m3x2_to_f16x2(xw);
-          bf[nt][1] = e4m3x2_to_f16x2(xw >> 16);
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const u32 w0 = word(wv[r][0][c], j), w1 = word(wv[r][1][c], j);
-          const u32 a[4] = {e4m3x2_to_f16x2(w0), e4m3x2_to_f16x2(w1), e4m3x2_to_f16x2(w0 >> 16),
-                            e4m3x2_to_f16x2(w1 >> 16)};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma_16816(d[r][nt], a, bf[nt]);
-        }
-      }
-    // Promotion: accumulator element i is row g (+8 for i >= 2), column (token) 2q + (i & 1).
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[r][nt][i] += d[r][nt][i] * m[nt][i & 1];
+      xv[nt][c] = *reinterpret_cast<const uint4*>(s + GV_SLOT_X + gv_chunk(8 * nt + g, 4 * c + q));
   }
+  const float* scale = reinterpret_cast<const float*>(s + GV_SLOT_S(NT));
+  const float swb = scale[16];
+  float m[NT][2];  // sx * sw for the accumulator columns 2q, 2q+1 of each n8 tile
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) m[nt][i] = scale[8 * nt + 2 * q + i] * swb;
 
-  // Sum the 4 phase warps of each row set: red[phase][row][token], then one thread per output.
+  float d[2][NT][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) d[r][nt][i] = 0.f;
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      u32 bf[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const u32 xw = word(xv[nt][c], j);
+        bf[nt][0] = e4m3x2_to_f16x2(xw);
+        bf[nt][1] = e4m3x2_to_f16x2(xw >> 16);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const u32 w0 = word(wv[r][0][c], j), w1 = word(wv[r][1][c], j);
+        const u32 a[4] = {e4m3x2_to_f16x2(w0), e4m3x2_to_f16x2(w1), e4m3x2_to_f16x2(w0 >> 16),
+                          e4m3x2_to_f16x2(w1 >> 16)};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16816(d[r][nt], a, bf[nt]);
+      }
+    }
+  // Promotion: accumulator element i is row g (+8 for i >= 2), column (token) 2q + (i & 1).
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] += d[r][nt][i] * m[nt][i & 1];
+}
+
+// The end of key `key` in this CTA's range of units, which starts at s (all threads; see the top of the section).
+template <int NT>
+__device__ __forceinline__ void gv_key_end(const float (&acc)[2][NT][4], long long key, long long s, long long U,
+                                           const int* __restrict__ tiles, const u8* __restrict__ w8,
+                                           const float* __restrict__ sw, float* __restrict__ y,
+                                           float* __restrict__ ws, int* __restrict__ counters, int T, int N, int K,
+                                           int kw, int* last) {
+  constexpr int TT = 8 * NT;  // token rows of a tile
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+  const int NR = 32 * (GV_WARPS / kw), RS = NR + 4, phase = warp % kw, rset = warp / kw;
+  const int KB = (K + 127) / 128, G = (N + NR - 1) / NR;
+  const long long C = gridDim.x, c = blockIdx.x;
+  const int n0 = (int)(key % G) * NR;  // the key's first weight row
+  const GvTile t = gv_tile<NT>((int)(key / G), tiles, w8, sw, T, N, K);
+
+  // red[phase][token][row]: a row stride of NR + 4 floats makes the fragment stores below conflict-free (token
+  // 2q + .. moves 8 banks, row g one) and keeps each token's rows 16-byte aligned for the float4 reads.
+  float* red = reinterpret_cast<float*>(smem_raw + GV_WARPS * GV_STAGES * GV_SLOT(NT));
+  __syncthreads();  // every warp is done with the key, and with red for the last one
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        red[phase][rset * 32 + 16 * r + 8 * (i >> 1) + g][8 * nt + 2 * q + (i & 1)] = acc[r][nt][i];
+        red[(phase * TT + 8 * nt + 2 * q + (i & 1)) * RS + 32 * rset + 16 * r + 8 * (i >> 1) + g] = acc[r][nt][i];
   __syncthreads();
-  constexpr int TT = 8 * NT;  // tokens per CTA
-  const long long TN = (long long)R * N;  // one split's partials in ws
-  // Output (token, row) pairs, rows fastest so that stores to y[t, :] are coalesced.
-  for (int i = tid; i < TT * GV_ROWS; i += GV_THREADS) {
-    const int tl = i / GV_ROWS, rl = i % GV_ROWS;
-    const int t = tok0 + tl, n = row0 + rl;
-    if (t >= T || n >= N) continue;
-    const float v = (red[0][rl][tl] + red[1][rl][tl]) + (red[2][rl][tl] + red[3][rl][tl]);
-    if (nsplit == 1)
-      y[(long long)t * N + n] = v;
-    else
-      ws[split * TN + (long long)t * N + n] = v;
-  }
-  if (nsplit == 1) return;
 
-  // Split K: the last CTA of this (row tile, token tile) to finish adds the partials in split order.
-  __threadfence();  // this CTA's partials are visible device-wide before its ticket is taken
+  // Outputs of the key: the tile's t.rows tokens x NR rows, taken 4 rows at a time (i -> token i / (NR / 4)).
+  const int quads = t.rows * (NR / 4);
+  auto phases = [&](int tl, int r4) {  // the phase warps' totals, added in phase order
+    float4 v = *reinterpret_cast<const float4*>(red + tl * RS + r4);
+    for (int p = 1; p < kw; ++p) v = add4(v, *reinterpret_cast<const float4*>(red + (p * TT + tl) * RS + r4));
+    return v;
+  };
+  auto store_y = [&](int tl, int r4, float4 v) {  // rows past N are not stored
+    float* out = y + (long long)(t.row0 + tl) * N + n0 + r4;
+    const int left = N - n0 - r4;
+    if (left > 0) out[0] = v.x;
+    if (left > 1) out[1] = v.y;
+    if (left > 2) out[2] = v.z;
+    if (left > 3) out[3] = v.w;
+  };
+
+  const long long k0 = key * KB;
+  const long long c0 = ((k0 + 1) * C - 1) / U, c1 = ((k0 + KB) * C - 1) / U;  // the CTAs holding units k0, k0 + KB - 1
+  if (c0 == c1) {  // the whole key is this CTA's
+    for (int i = tid; i < quads; i += GV_THREADS) {
+      const int tl = i / (NR / 4), r4 = 4 * (i % (NR / 4));
+      store_y(tl, r4, phases(tl, r4));
+    }
+    return;
+  }
+  const long long piece = (long long)TT * NR;  // floats of one ws slot
+  float* mine = ws + (2 * c + (key == s / KB ? 0 : 1)) * piece;
+  for (int i = tid; i < quads; i += GV_THREADS) {
+    const int tl = i / (NR / 4), r4 = 4 * (i % (NR / 4));
+    *reinterpret_cast<float4*>(mine + tl * NR + r4) = phases(tl, r4);
+  }
+  __threadfence();  // this CTA's piece is visible device-wide before its ticket is taken
   __syncthreads();
-  const int tile = blockIdx.z * gridDim.x + blockIdx.x;
-  if (tid == 0) *last = atomicAdd(counters + tile, 1) == nsplit - 1;
+  if (tid == 0) *last = atomicAdd(counters + key, 1) == (int)(c1 - c0);
   __syncthreads();
   if (!*last) return;
   __threadfence();
-  for (int i = tid; i < TT * GV_ROWS; i += GV_THREADS) {
-    const int tl = i / GV_ROWS, rl = i % GV_ROWS;
-    const int t = tok0 + tl, n = row0 + rl;
-    if (t >= T || n >= N) continue;
-    float v = 0.f;
-    for (int s = 0; s < nsplit; ++s) v += ld_cg(ws + s * TN + (long long)t * N + n);
-    y[(long long)t * N + n] = v;
+  // c0's piece is in its slot 0 if the key is the first of its range (it starts at k0), else in slot 1; every
+  // later CTA's range starts inside the key: slot 0.
+  const long long first = 2 * c0 + (c0 * U / C == k0 ? 0 : 1);
+  for (int i = tid; i < quads; i += GV_THREADS) {
+    const int tl = i / (NR / 4), r4 = 4 * (i % (NR / 4));
+    const float* at = ws + tl * NR + r4;
+    float4 v = ld_cg4(at + first * piece);
+    for (long long cc = c0 + 1; cc <= c1; cc += 4) {  // 4 loads in flight, added in CTA order
+      float4 p[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) p[k] = cc + k <= c1 ? ld_cg4(at + 2 * (cc + k) * piece) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (cc + k <= c1) v = add4(v, p[k]);
+    }
+    store_y(tl, r4, v);
   }
-  if (tid == 0) counters[tile] = 0;  // ready for the next launch (kernel boundaries order it)
+  if (tid == 0) counters[key] = 0;  // ready for the next launch (kernel boundaries order it)
+}
+
+// The whole GEMV, plain (tiles == nullptr: Z token tiles of T rows) or grouped (Z rows of the tile table).
+template <int NT, bool VEC>
+__device__ __forceinline__ void gemv_body(const u8* __restrict__ x8, const float* __restrict__ sx,
+                                          const u8* __restrict__ w8, const float* __restrict__ sw,
+                                          float* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
+                                          const int* __restrict__ tiles, int Z, int T, int N, int K, int kw,
+                                          int* last) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int NR = 32 * (GV_WARPS / kw), phase = warp % kw, rset = warp / kw;
+  const int KB = (K + 127) / 128, G = (N + NR - 1) / NR;
+  const long long U = (long long)Z * G * KB, C = gridDim.x, c = blockIdx.x;
+  const long long s = c * U / C, e = (c + 1) * U / C;  // this CTA's units
+  const u32 ring = smem_addr(smem_raw) + warp * GV_STAGES * GV_SLOT(NT);
+  const u8* ring_p = smem_raw + warp * GV_STAGES * GV_SLOT(NT);
+
+  // This warp's units are s + phase + kw i, i < n. The copies run GV_STAGES - 1 units ahead of the math; (pz, pg,
+  // pb) is the (tile, row group, block) of the next unit to copy, pt the tile tz it is in.
+  const long long n = e - s > phase ? (e - s - phase + kw - 1) / kw : 0;
+  int pz = 0, pg = 0, pb = 0, tz = -1;
+  if (n > 0) {
+    const long long u = s + phase, key = u / KB;
+    pz = (int)(key / G), pg = (int)(key % G), pb = (int)(u % KB);
+  }
+  GvTile pt = {};
+  auto issue = [&](int slot) {
+    if (pz != tz) pt = gv_tile<NT>(pz, tiles, w8, sw, T, N, K), tz = pz;
+    gv_issue<NT, VEC>(ring + slot * GV_SLOT(NT), pt, pg * NR + 32 * rset, pb, x8, sx, N, K, lane);
+    for (pb += kw; pb >= KB; pb -= KB)  // the next unit of the warp, kw blocks on, maybe in a later key
+      if (++pg == G) pg = 0, ++pz;
+  };
+  for (int i = 0; i < GV_STAGES - 1; ++i) {  // one commit group per unit, empty past the warp's last
+    if (i < n) issue(i);
+    cp_async_commit();
+  }
+
+  float acc[2][NT][4];
+  long long u = s + phase, i = 0;  // the next unit to compute, and its index among the warp's
+  int slot = 0;
+  for (long long key = s / KB; key * KB < e; ++key) {  // every key the CTA's range meets, in order
+    const long long key_end = e < (key + 1) * KB ? e : (key + 1) * KB;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[r][nt][j] = 0.f;
+    for (; u < key_end; u += kw, ++i) {
+      if (i + GV_STAGES - 1 < n) issue(slot == 0 ? GV_STAGES - 1 : slot - 1);  // refill the slot computed last
+      cp_async_commit();
+      cp_async_wait<GV_STAGES - 1>();  // this lane's copies of unit i have landed (group i),
+      __syncwarp();                    // and every lane's
+      gv_compute<NT>(ring_p + slot * GV_SLOT(NT), acc, lane);
+      __syncwarp();  // every lane is done reading the slot before the next iteration refills it
+      slot = slot == GV_STAGES - 1 ? 0 : slot + 1;
+    }
+    gv_key_end<NT>(acc, key, s, U, tiles, w8, sw, y, ws, counters, T, N, K, kw, last);
+  }
 }
 
 #define GEMV_PARAMS                                                                                       \
   const u8 *__restrict__ x8, const float *__restrict__ sx, const u8 *__restrict__ w8,                    \
       const float *__restrict__ sw, float *__restrict__ y, float *__restrict__ ws, int *__restrict__ counters, \
-      int T, int N, int K, int vec
+      int T, int N, int K, int vec, int kw, int smem_bytes
 
-// vec is uniform: choose the load path once, so the weight loads of a block issue back to back.
+// vec and kw are uniform: the load path is chosen once, outside the stream.
 template <int NT>
 __device__ __forceinline__ void gemv_entry(const u8* __restrict__ x8, const float* __restrict__ sx,
                                            const u8* __restrict__ w8, const float* __restrict__ sw,
                                            float* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
-                                           int tok0, int T, int R, int N, int K, int vec) {
-  __shared__ float red[GV_PHASES][GV_ROWS][16];
+                                           const int* __restrict__ tiles, int Z, int T, int N, int K, int vec, int kw,
+                                           int smem_bytes) {
   __shared__ int last;
+  if (smem_bytes < GV_SMEM(NT) || blockDim.x != GV_THREADS || (kw != 1 && kw != 2 && kw != 4)) trap();
   if (vec)
-    gemv_body<NT, true>(x8, sx, w8, sw, y, ws, counters, tok0, T, R, N, K, red, &last);
+    gemv_body<NT, true>(x8, sx, w8, sw, y, ws, counters, tiles, Z, T, N, K, kw, &last);
   else
-    gemv_body<NT, false>(x8, sx, w8, sw, y, ws, counters, tok0, T, R, N, K, red, &last);
+    gemv_body<NT, false>(x8, sx, w8, sw, y, ws, counters, tiles, Z, T, N, K, kw, &last);
 }
 
 extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_gemv_t8(GEMV_PARAMS) {
-  gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, blockIdx.z * 16, T, T, N, K, vec);
+  gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, nullptr, (T + 7) / 8, T, N, K, vec, kw, smem_bytes);
 }
 extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_gemv_t16(GEMV_PARAMS) {
-  gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, blockIdx.z * 16, T, T, N, K, vec);
+  gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, nullptr, (T + 15) / 16, T, N, K, vec, kw, smem_bytes);
 }
 
-// Grouped: rows of x8 sorted by expert, w8 [E, N, K] and sw [E, NB, KB] stacked, and per grid.z one entry
-// tiles[z] = (expert e, first row r0, end of e's rows): the CTA runs rows r0 .. min(r0 + 8 * NT, end) - 1
-// against expert e's weight. Rows past `end` are the next expert's and are never read.
+// Grouped: rows of x8 sorted by expert, w8 [E, N, K] and sw [E, NB, KB] stacked, and n_tiles token tiles
+// tiles[z] = (expert e, first row r0, end of e's rows): tile z is rows r0 .. min(r0 + 8 NT, end) - 1 against expert
+// e's weight. Rows from `end` on are the next expert's and are never read.
 #define GROUPED_GEMV_PARAMS                                                                               \
   const u8 *__restrict__ x8, const float *__restrict__ sx, const u8 *__restrict__ w8,                    \
       const float *__restrict__ sw, float *__restrict__ y, float *__restrict__ ws, int *__restrict__ counters, \
-      const int *__restrict__ tiles, int R, int N, int K, int vec
-
-// The row arrays are offset to r0 here, so that the body sees tok0 = 0 (a constant: this kernel needs the
-// register it saves to stay within 128 without spilling).
-template <int NT>
-__device__ __forceinline__ void grouped_gemv_entry(GROUPED_GEMV_PARAMS) {
-  const int* tile = tiles + 3 * blockIdx.z;
-  const int e = tile[0], r0 = tile[1], end = tile[2];
-  const long long KB = (K + 127) / 128, NB = (N + 127) / 128, rN = (long long)r0 * N;
-  gemv_entry<NT>(x8 + r0 * KB * 128, sx + r0 * KB, w8 + e * (long long)N * K, sw + e * NB * KB, y + rN, ws + rN,
-                 counters, 0, end - r0, R, N, K, vec);
-}
+      const int *__restrict__ tiles, int n_tiles, int N, int K, int vec, int kw, int smem_bytes
 
 extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_grouped_gemv_t8(GROUPED_GEMV_PARAMS) {
-  grouped_gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, tiles, R, N, K, vec);
+  gemv_entry<1>(x8, sx, w8, sw, y, ws, counters, tiles, n_tiles, 0, N, K, vec, kw, smem_bytes);
 }
 extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_grouped_gemv_t16(GROUPED_GEMV_PARAMS) {
-  grouped_gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, tiles, R, N, K, vec);
+  gemv_entry<2>(x8, sx, w8, sw, y, ws, counters, tiles, n_tiles, 0, N, K, vec, kw, smem_bytes);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -492,7 +637,7 @@ __device__ __forceinline__ void load_w_tile(u32 dst, const u8* __restrict__ w8, 
       const bool ok = row0 + r < N && col < K;
       cp_async16(dst + swizzle128_off(r, x), w8 + (ok ? (long long)(row0 + r) * K + col : 0), ok ? 16 : 0);
     } else {
-      const uint4 v = row0 + r < N ? load_w16<false>(w8 + (long long)(row0 + r) * K, col, K) : zero4();
+      const uint4 v = row0 + r < N ? load_w16_bytes(w8 + (long long)(row0 + r) * K, col, K) : zero4();
       st_shared16(dst + swizzle128_off(r, x), v);
     }
   }

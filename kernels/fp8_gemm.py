@@ -17,7 +17,9 @@ float dtype or bf16 bits and quantises from float32, as the kernels do.
 
 GPU kernels: T <= 16 (decode) a weight-streaming mma.sync GEMV; larger T a persistent, warp-specialised
 wgmma GEMM on Hopper (sm_90a), and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens.
-bench/kernels.py fp8gemm times them.
+The GEMV cuts the product into units of 32-128 weight rows x one 128-channel block and gives every CTA of a
+one-wave grid (2 per SM) an equal run of them, cutting K where a layer is too narrow to reach every SM;
+each warp keeps 3 units in flight through a cp.async ring. bench/kernels.py fp8gemm times them.
 
 fp8_grouped_linear is the same product for a mixture of experts: rows sorted by expert, the experts' weights
 stacked [E, N, K], group e = rows offsets[e] .. offsets[e+1] - 1 multiplied by expert e's weight:
@@ -30,6 +32,8 @@ no group has more than 16 rows (decode: each used expert's weight streamed once)
 bench/kernels.py grouped times it against a loop over experts.
 """
 
+from collections import namedtuple
+
 import numpy as np
 
 from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, with_dynamic_smem, xp_of
@@ -37,15 +41,27 @@ from kernels.fp8 import e4m3_decode, e4m3_encode, fp8_roundtrip, quantize_ue8m0
 
 BLOCK = 128       # channels per scale block, both operands
 DECODE_T = 16     # up to this many tokens the GEMV kernel runs (it is memory-bound there)
-GV_ROWS = 64      # weight rows per GEMV CTA          (fp8_gemm.cu GV_ROWS)
-GV_TOKENS = 16    # tokens per GEMV CTA               (2 n8 tiles)
-GV_PHASES = 4     # warps splitting K inside a CTA    (fp8_gemm.cu GV_PHASES)
+GV_WARPS = 4      # warps per GEMV CTA                (fp8_gemm.cu GV_WARPS)
+GV_STAGES = 4     # cp.async ring slots per warp      (fp8_gemm.cu GV_STAGES)
+GV_CTAS_PER_SM = 2  # GEMV CTAs an SM holds: 2 x (gv_smem + 1 KB static + 1 KB reserved) <= 228 KB
 GM_TILE = 128     # tokens and weight rows per wgmma CTA tile
 GM_STAGES = 6     # ring slots of x and W tiles        (fp8_gemm.cu GM_STAGES)
 GM_THREADS = 384  # 2 consumer + 1 producer warpgroup  (fp8_gemm.cu GM_THREADS)
 GM_SMEM = 2 * GM_STAGES * 128 * 128 + 2 * GM_STAGES * 8 + 1024  # tiles, mbarriers, alignment (fp8_gemm.cu GM_SMEM)
 # "auto": wgmma on sm_90 (Hopper) for T > DECODE_T; "mma" forces the GEMV kernel for every T.
 DEFAULT_PATH = "auto"
+
+
+def gv_smem(nt):
+    """Dynamic shared memory of a GEMV CTA over token tiles of 8 nt rows (fp8_gemm.cu GV_SMEM): per warp
+    GV_STAGES slots of 32 weight rows x 128 B + 8 nt x rows x 128 B + 128 B of scales, then red."""
+    return GV_WARPS * GV_STAGES * (4096 + 1024 * nt + 128) + 8 * nt * 144 * 4
+
+
+# One launch's plan. k_warps (GEMV only): warps of a CTA that split K (1, 2, 4; the other 4 / k_warps split the
+# rows); pieces: the most CTAs one output's K range is cut into (1: none is cut, no partial sums).
+Plan = namedtuple("Plan", "kernel grid block smem k_warps pieces")
+GroupedPlan = namedtuple("GroupedPlan", Plan._fields + ("tiles",))
 
 
 # --- Shapes shared by the reference and the launchers ------------------------------------------------
@@ -138,7 +154,11 @@ def _module():
 @per_device
 def _function(name):
     f = _module()[0].get_function(name)
-    return with_dynamic_smem(f, GM_SMEM) if name.endswith("gemm_wgmma") else f
+    if name.endswith("gemm_wgmma"):
+        return with_dynamic_smem(f, GM_SMEM)
+    if "gemv" in name:  # the plan counts on GV_CTAS_PER_SM CTAs per SM: ask for all the shared memory there is
+        return with_dynamic_smem(f, gv_smem(2 if name.endswith("t16") else 1), carveout=100)
+    return f
 
 
 @per_device
@@ -147,13 +167,13 @@ def _num_sms():
     return cp.cuda.Device().attributes["MultiProcessorCount"]
 
 
-_counters = {}  # device id -> int32 tickets of the split-K GEMV, zero between launches
+_counters = {}  # device id -> int32 tickets of the GEMV's cut keys, zero between launches
 
 
 def _tickets(n):
-    """At least n zeroed int32 counters on the current device. Each split-K launch's last CTAs reset the
-    ones they used, so one array serves every launch of a stream (launches on several streams at once
-    would share tickets: this engine uses one)."""
+    """At least n zeroed int32 counters on the current device. Each GEMV launch's last CTAs reset the ones they
+    used, so one array serves every launch of a stream (launches on several streams at once would share
+    tickets: this engine uses one)."""
     import cupy as cp
     dev = cp.cuda.Device().id
     c = _counters.get(dev)
@@ -162,27 +182,63 @@ def _tickets(n):
     return c
 
 
-def plan(T, N, K, wgmma, num_sms=132, splits=None):
-    """(kernel name, grid, block, dynamic shared memory, K splits) of one fp8_gemm call on the GPU."""
+def plan(T, N, K, wgmma, num_sms=132, ctas=None, k_warps=None):
+    """Plan of one fp8_gemm call on the GPU. ctas, k_warps: force the GEMV's partition (tests, benchmarks)."""
     check(T >= 1 and N >= 1 and K >= 1, f"fp8_gemm: T = {T}, N = {N}, K = {K}, all must be >= 1")
     KB = -(-K // BLOCK)
     if wgmma and T > DECODE_T:  # persistent: at most one CTA per SM, each loops over tiles
         tiles = -(-N // GM_TILE) * -(-T // GM_TILE)
-        return "fp8_gemm_wgmma", (min(tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 1
-    row_tiles, tok_tiles = -(-N // GV_ROWS), -(-T // GV_TOKENS)
-    check(tok_tiles <= 65535, f"fp8_gemm: T = {T} tokens, the GEMV grid allows {65535 * GV_TOKENS}")
-    splits = _gemv_splits(row_tiles * tok_tiles, KB, num_sms, splits)
-    name = "fp8_gemv_t8" if T <= 8 else "fp8_gemv_t16"
-    return name, (row_tiles, splits, tok_tiles), (256,), 0, splits
+        return Plan("fp8_gemm_wgmma", (min(tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 0, 1)
+    nt = 1 if T <= 8 else 2
+    C, kw, pieces = _gemv_partition(-(-T // (8 * nt)), N, KB, num_sms, ctas, k_warps)
+    return Plan(f"fp8_gemv_t{8 * nt}", (C, 1, 1), (32 * GV_WARPS,), gv_smem(nt), kw, pieces)
 
 
-def _gemv_splits(ctas, KB, num_sms, splits=None):
-    """K splits of a GEMV launch of `ctas` CTAs per split (None: chosen). A narrow layer at decode also cuts
-    K, so that every SM streams some weight."""
-    if splits is None:
-        want = 2 * num_sms
-        splits = 1 if ctas >= want else min(-(-want // ctas), max(1, KB // GV_PHASES))
-    return int(max(1, min(splits, KB)))
+def _gemv_partition(Z, N, KB, num_sms, ctas=None, k_warps=None):
+    """(CTAs C, k_warps kw, pieces) of a GEMV launch over Z token tiles (fp8_gemm.cu, "Decode GEMV").
+
+    Units are 128 / kw weight rows x one K block; a key is 128 / kw rows of one tile, all its KB blocks. Every CTA
+    takes U / C units (+-1), so every SM streams the same bytes. C: GV_CTAS_PER_SM per SM (one wave, all resident),
+    but where the whole product is small, no more than leaves each warp 2 units (ring depth 3: a CTA then has all
+    its units in flight at once, and keys are cut into fewer pieces), and never fewer than one per SM. kw: the first
+    of 1, 2, 4 (wide rows first: the 4 warps share x) whose keys are cut into at most 4 pieces, else the one that
+    cuts least. What the released decode shapes get on 132 SMs, at any T <= 16 (a unit is 4 KB of weight per warp;
+    a warp has 3 in flight, so a CTA up to 48 KB and an SM up to 96 KB: where a CTA's share is smaller, all of it
+    is requested at once):
+
+        N x K          MB    k_warps  keys  units  CTAs  KB per CTA  pieces
+        18432 x 7168   132   1         144   8064   264   500         3
+        7168 x 18432   132   2         112  16128   264   500         4
+        24576 x 1536   37.7  1         192   2304   264   143         3
+        4096 x 7168    29.4  4         128   7168   264   111         4     (an expert's gate_up, one tile)
+        7168 x 2048    14.7  2         112   1792   264    56         4
+        2048 x 7168    14.7  4          64   3584   264    56         6
+        1536 x 7168    11.0  4          48   2688   264    42         7
+        576 x 7168     4.1   4          18   1008   132    31         9
+    """
+    cap = GV_CTAS_PER_SM * num_sms
+
+    def option(kw):
+        check(kw in (1, 2, 4), f"fp8_gemm: k_warps = {kw}, expected 1, 2 or 4")
+        keys = Z * -(-N // (128 // kw))
+        U = keys * KB
+        C = ctas if ctas is not None else min(cap, max(num_sms, -(-U // (2 * kw))))
+        C = max(1, min(C, U))
+        check(keys < 2**31 and C * U < 2**62, f"fp8_gemm: {keys} keys x {KB} blocks over {C} CTAs is beyond the "
+                                               "kernel's integer ranges")
+        return C, kw, _pieces(U, C, KB)
+    if k_warps is not None:
+        return option(k_warps)
+    options = [option(kw) for kw in (1, 2, 4)]
+    return next((o for o in options if o[2] <= 4), min(options, key=lambda o: o[2]))
+
+
+def _pieces(U, C, KB):
+    """The most CTAs that one key (KB consecutive units) meets when C CTAs share U units in equal runs: each run
+    has m >= U // C units, so a key meets its first and last CTA (>= 1 unit each) and at most (KB - 2) // m between."""
+    if KB == 1:
+        return 1
+    return min(KB, C, 2 + (KB - 2) // (U // C))
 
 
 def _activation_bits(x):
@@ -219,10 +275,10 @@ def quantize_activations_gpu(x, *, x8=None, sx=None):
     return x8, sx
 
 
-def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, splits=None):
+def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, ctas=None, k_warps=None):
     """Launcher for fp8_gemm.cu's GEMM/GEMV. x8 uint8 [T, KP], sx fp32 [T, KB], w8 uint8 [N, K],
     w_scale fp32 [ceil(N/128), KB] -> y fp32 [T, N]. path: "auto" / "wgmma" / "mma" (None: DEFAULT_PATH);
-    splits: K splits of the GEMV kernel (None: chosen to fill the GPU)."""
+    ctas, k_warps: force the GEMV's partition (None: plan()'s choice)."""
     import cupy as cp
     check_array(w8, "w8", np.uint8, ndim=2)
     N, K, KB = _weight_dims(w8, w_scale)
@@ -241,18 +297,28 @@ def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, splits=None):
     check(path in ("auto", "wgmma", "mma"), f"fp8_gemm: path {path!r}, expected auto, wgmma or mma")
     has_wgmma = _module()[1]
     check(path != "wgmma" or has_wgmma, "fp8_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
-    name, grid, block, smem, nsplit = plan(T, N, K, has_wgmma and path != "mma", _num_sms(), splits)
+    p = plan(T, N, K, has_wgmma and path != "mma", _num_sms(), ctas, k_warps)
     vec = np.int32(K % 16 == 0 and w8.data.ptr % 16 == 0)  # else byte loads: correct, slow, never a real layer
-    if name == "fp8_gemm_wgmma":
-        _function(name)(grid, block, (x8, sx, w8, w_scale, out, np.int32(T), np.int32(N), np.int32(K), vec,
-                                      np.int32(smem)), shared_mem=smem)
+    if p.kernel == "fp8_gemm_wgmma":
+        _function(p.kernel)(p.grid, p.block, (x8, sx, w8, w_scale, out, np.int32(T), np.int32(N), np.int32(K), vec,
+                                              np.int32(p.smem)), shared_mem=p.smem)
         return out
-    ws, tickets = out, _tickets(1)  # placeholders: a single split never touches them
-    if nsplit > 1:
-        ws = cp.empty((nsplit, T, N), np.float32)
-        tickets = _tickets(grid[0] * grid[2])
-    _function(name)(grid, block, (x8, sx, w8, w_scale, out, ws, tickets, np.int32(T), np.int32(N), np.int32(K), vec))
+    ws, tickets = _gemv_buffers(p, -(-T // (8 if T <= 8 else 16)), N, out)
+    _function(p.kernel)(p.grid, p.block, (x8, sx, w8, w_scale, out, ws, tickets, np.int32(T), np.int32(N),
+                                          np.int32(K), vec, np.int32(p.k_warps), np.int32(p.smem)),
+                        shared_mem=p.smem)
     return out
+
+
+def _gemv_buffers(p, Z, N, out):
+    """(ws, tickets) of a GEMV launch over Z token tiles: 2 partial-sum slots of 8 nt tokens x 128 / k_warps rows
+    per CTA and a ticket per key, where the plan cuts some key (else out and one ticket, never touched)."""
+    if p.pieces == 1:
+        return out, _tickets(1)
+    import cupy as cp
+    rows = 128 // p.k_warps
+    tokens = 8 if p.kernel.endswith("t8") else 16
+    return cp.empty(2 * p.grid[0] * tokens * rows, np.float32), _tickets(Z * -(-N // rows))
 
 
 def fp8_linear_gpu(x, w8, w_scale, *, out=None, path=None):
@@ -312,11 +378,12 @@ def group_tiles(offsets, rows):
     return np.stack([expert, r0, offsets[expert + 1]], axis=1).astype(np.int32)
 
 
-def plan_grouped(offsets, N, K, wgmma, num_sms=132, splits=None):
-    """(kernel name, grid, block, dynamic shared memory, K splits, tile table) of one grouped call on the GPU.
+def plan_grouped(offsets, N, K, wgmma, num_sms=132, ctas=None, k_warps=None):
+    """GroupedPlan (a Plan and its tile table) of one grouped call on the GPU.
 
     As plan() picks by T, this picks by the largest group: wgmma tiles of 128 rows when one has more than
-    DECODE_T rows (and wgmma is there), else GEMV tiles of 8 rows (every group <= 8) or 16."""
+    DECODE_T rows (and wgmma is there), else GEMV tiles of 8 rows (every group <= 8) or 16, the GEMV's units
+    spread over all the tiles' weights at once (each used expert's weight is streamed once)."""
     offsets = np.asarray(offsets, np.int64)
     G = int(np.diff(offsets).max())
     check(G >= 1 and N >= 1 and K >= 1, f"fp8_grouped_gemm: largest group {G} rows, N = {N}, K = {K}, all must be >= 1")
@@ -325,14 +392,12 @@ def plan_grouped(offsets, N, K, wgmma, num_sms=132, splits=None):
         tiles = group_tiles(offsets, GM_TILE)
         n_tiles = len(tiles) * -(-N // GM_TILE)  # CTA tiles, run by a persistent grid of at most one CTA per SM
         check(n_tiles < 2**31, f"fp8_grouped_gemm: {n_tiles} CTA tiles, more than the kernel's int indices hold")
-        return "fp8_grouped_gemm_wgmma", (min(n_tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 1, tiles
-    rows = 8 if G <= 8 else GV_TOKENS
-    tiles = group_tiles(offsets, rows)
-    check(len(tiles) <= 65535, f"fp8_grouped_gemm: {len(tiles)} tiles of {rows} rows, the GEMV grid allows 65535")
-    row_tiles = -(-N // GV_ROWS)
-    splits = _gemv_splits(row_tiles * len(tiles), KB, num_sms, splits)
-    name = "fp8_grouped_gemv_t8" if rows == 8 else "fp8_grouped_gemv_t16"
-    return name, (row_tiles, splits, len(tiles)), (256,), 0, splits, tiles
+        return GroupedPlan("fp8_grouped_gemm_wgmma", (min(n_tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 0, 1,
+                           tiles)
+    nt = 1 if G <= 8 else 2
+    tiles = group_tiles(offsets, 8 * nt)
+    C, kw, pieces = _gemv_partition(len(tiles), N, KB, num_sms, ctas, k_warps)
+    return GroupedPlan(f"fp8_grouped_gemv_t{8 * nt}", (C, 1, 1), (32 * GV_WARPS,), gv_smem(nt), kw, pieces, tiles)
 
 
 def fp8_grouped_gemm_reference(x8, sx, w8, w_scale, offsets):
@@ -362,10 +427,10 @@ def fp8_grouped_linear_reference(x, w8, w_scale, offsets):
     return y
 
 
-def fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, *, out=None, path=None, splits=None):
+def fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, *, out=None, path=None, ctas=None, k_warps=None):
     """Launcher for fp8_gemm.cu's grouped kernels. x8 uint8 [R, KP], sx fp32 [R, KB] (rows sorted by expert),
     w8 uint8 [E, N, K], w_scale fp32 [E, ceil(N/128), KB], offsets ints [E + 1] (host or device) -> y fp32
-    [R, N]. path and splits as fp8_gemm_gpu's."""
+    [R, N]. path, ctas and k_warps as fp8_gemm_gpu's."""
     import cupy as cp
     check_array(w8, "w8", np.uint8, ndim=3)
     E, N, K, KB = _stacked_dims(w8, w_scale)
@@ -386,20 +451,18 @@ def fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, *, out=None, path=None, s
     check(path in ("auto", "wgmma", "mma"), f"fp8_grouped_gemm: path {path!r}, expected auto, wgmma or mma")
     has_wgmma = _module()[1]
     check(path != "wgmma" or has_wgmma, "fp8_grouped_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
-    name, grid, block, smem, nsplit, tiles = plan_grouped(offsets, N, K, has_wgmma and path != "mma", _num_sms(),
-                                                          splits)
-    tiles = cp.asarray(tiles)  # a few KB from the host; freed to CuPy's pool, reused only after this launch
+    p = plan_grouped(offsets, N, K, has_wgmma and path != "mma", _num_sms(), ctas, k_warps)
+    tiles = cp.asarray(p.tiles)  # a few KB from the host; freed to CuPy's pool, reused only after this launch
+    n_tiles = np.int32(len(tiles))
     vec = np.int32(K % 16 == 0 and w8.data.ptr % 16 == 0)  # then every expert's rows are 16-byte aligned too
-    if name == "fp8_grouped_gemm_wgmma":
-        _function(name)(grid, block, (x8, sx, w8, w_scale, out, tiles, np.int32(len(tiles)), np.int32(N),
-                                      np.int32(K), vec, np.int32(smem)), shared_mem=smem)
+    if p.kernel == "fp8_grouped_gemm_wgmma":
+        _function(p.kernel)(p.grid, p.block, (x8, sx, w8, w_scale, out, tiles, n_tiles, np.int32(N), np.int32(K),
+                                              vec, np.int32(p.smem)), shared_mem=p.smem)
         return out
-    ws, tickets = out, _tickets(1)  # placeholders: a single split never touches them
-    if nsplit > 1:
-        ws = cp.empty((nsplit, R, N), np.float32)
-        tickets = _tickets(grid[0] * grid[2])
-    _function(name)(grid, block, (x8, sx, w8, w_scale, out, ws, tickets, tiles, np.int32(R), np.int32(N),
-                                  np.int32(K), vec))
+    ws, tickets = _gemv_buffers(p, len(tiles), N, out)
+    _function(p.kernel)(p.grid, p.block, (x8, sx, w8, w_scale, out, ws, tickets, tiles, n_tiles, np.int32(N),
+                                          np.int32(K), vec, np.int32(p.k_warps), np.int32(p.smem)),
+                        shared_mem=p.smem)
     return out
 
 

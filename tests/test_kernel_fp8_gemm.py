@@ -9,9 +9,10 @@ import pytest
 
 from kernels._cuda import HAVE_GPU, write_source
 from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
-from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, fp8_gemm_reference, fp8_grouped_gemm_reference,
-                              fp8_grouped_linear, fp8_grouped_linear_reference, fp8_linear, fp8_linear_reference,
-                              group_tiles, plan, plan_grouped, quantize_activations, quantize_activations_reference)
+from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, GV_CTAS_PER_SM, _gemv_partition, fp8_gemm_reference,
+                              fp8_grouped_gemm_reference, fp8_grouped_linear, fp8_grouped_linear_reference, fp8_linear,
+                              fp8_linear_reference, group_tiles, gv_smem, plan, plan_grouped, quantize_activations,
+                              quantize_activations_reference)
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: fp8 GEMM kernel parity runs on the GPU machine")
 
@@ -171,20 +172,83 @@ def test_bad_inputs_name_the_tensor():
 @pytest.mark.parametrize("wgmma", [False, True])
 def test_plans(wgmma):
     for T in (1, 7, 8, 9, 16, 17, 128, 1000, 4096):
-        for N, K in RELEASED + [(200, 300), (1, 1), (18432, 7168)]:
-            name, grid, block, smem, splits = plan(T, N, K, wgmma)
+        for N, K in RELEASED + [(200, 300), (1, 1), (18432, 7168), (7168, 18432)]:
+            p = plan(T, N, K, wgmma)
             KB = -(-K // 128)
-            assert all(1 <= g <= 65535 for g in grid[1:]) and 1 <= grid[0] < 2**31, (name, grid)
-            assert 1 <= splits <= KB
             if wgmma and T > DECODE_T:  # persistent: one CTA per SM at most, never more CTAs than tiles
-                assert name == "fp8_gemm_wgmma" and smem == GM_SMEM <= 227 * 1024 and block == (GM_THREADS,)
-                assert grid == (min(-(-N // 128) * -(-T // 128), 132), 1, 1)
+                assert p.kernel == "fp8_gemm_wgmma" and p.smem == GM_SMEM <= 227 * 1024 and p.block == (GM_THREADS,)
+                assert p.grid == (min(-(-N // 128) * -(-T // 128), 132), 1, 1) and p.pieces == 1
             else:
-                assert name == ("fp8_gemv_t8" if T <= 8 else "fp8_gemv_t16") and smem == 0 and block == (256,)
-                assert grid[0] * 64 >= N and grid[1] == splits and grid[2] * 16 >= T
-    # a narrow layer at decode is cut along K to reach every SM; a wide one is not
-    assert plan(1, 576, 7168, False)[4] > 1 and plan(1, 24576, 1536, False)[4] == 1
-    assert plan(1, 576, 7168, False, splits=5)[4] == 5 and plan(1, 200, 300, False, splits=9)[4] == 3
+                nt = 1 if T <= 8 else 2
+                assert p.kernel == f"fp8_gemv_t{8 * nt}" and p.block == (128,) and p.smem == gv_smem(nt)
+                # GV_CTAS_PER_SM fit an SM's 228 KB: dynamic + 1 KB static (smem_raw's 1024-byte alignment) + 1 KB
+                # that CUDA reserves per CTA
+                assert GV_CTAS_PER_SM * (p.smem + 2048) <= 228 * 1024
+                units = -(-T // (8 * nt)) * -(-N // (128 // p.k_warps)) * KB
+                assert p.k_warps in (1, 2, 4) and p.grid[1:] == (1, 1)
+                assert 1 <= p.grid[0] <= min(units, GV_CTAS_PER_SM * 132) and 1 <= p.pieces <= KB
+    # decode: a wide layer takes 2 CTAs per SM, cutting each key's K range into few pieces; a narrow one still
+    # reaches every SM, its keys of 32 rows (the 4 warps of a CTA split K)
+    wide, narrow = plan(1, 18432, 7168, False), plan(1, 576, 7168, False)
+    assert wide.grid[0] == 264 and wide.k_warps == 1 and wide.pieces <= 4
+    assert narrow.grid[0] == 132 and narrow.k_warps == 4 and 1 < narrow.pieces <= 9
+    forced = plan(3, 200, 300, False, ctas=5, k_warps=2)
+    assert forced.grid[0] == 5 and forced.k_warps == 2
+    assert plan(3, 200, 300, False, ctas=10**6, k_warps=1).grid[0] == 2 * 3  # at most one CTA per unit
+
+
+def cta_of(u, C, U):
+    """fp8_gemm.cu gv_key_end: the CTA whose run of units [c U / C, (c + 1) U / C) holds unit u."""
+    return ((u + 1) * C - 1) // U
+
+
+@pytest.mark.parametrize("Z,N,KB", [(1, 576, 56), (1, 18432, 56), (1, 7168, 144), (1, 24576, 12), (9, 4096, 56),
+                                    (65, 7168, 16), (3, 200, 3), (2, 129, 2), (1, 1, 1), (4, 40, 1)])
+@pytest.mark.parametrize("ctas", [None, 1, 2, 7, 133, 10**6])
+@pytest.mark.parametrize("k_warps", [None, 1, 2, 4])
+def test_gemv_partition_formulas(Z, N, KB, ctas, k_warps):
+    """The GEMV kernel's integer bookkeeping, run here in Python: the CTAs' runs cover every unit once; the
+    c0 / c1 formula finds the CTA holding a unit; a key meets at most plan's `pieces` CTAs; each CTA writes at most
+    one partial per ws slot and the last CTA reads it from the slot it was written to; a warp's incremental
+    (tile, row group, block) cursor agrees with division."""
+    C, kw, pieces = _gemv_partition(Z, N, KB, 132, ctas, k_warps)
+    NR = 128 // kw
+    G = -(-N // NR)
+    U = Z * G * KB
+    start = [c * U // C for c in range(C + 1)]
+    assert start[0] == 0 and start[-1] == U and all(b > a for a, b in zip(start, start[1:]))
+    holder = np.repeat(np.arange(C), np.diff(start))
+    assert (cta_of(np.arange(U), C, U) == holder).all()
+
+    written = {}
+    for key in range(Z * G):
+        k0 = key * KB
+        c0, c1 = cta_of(k0, C, U), cta_of(k0 + KB - 1, C, U)
+        assert c1 - c0 + 1 <= pieces, (key, c0, c1)
+        if c0 == c1:
+            continue
+        for c in range(c0, c1 + 1):
+            slot = 0 if key == start[c] // KB else 1                # the writer's slot (gv_key_end: key == s / KB)
+            assert slot == (0 if c > c0 or start[c0] == k0 else 1)  # where the last CTA looks for it
+            assert (c, slot) not in written, f"CTA {c} slot {slot}: keys {written[(c, slot)]} and {key}"
+            written[(c, slot)] = key
+
+    for c in sorted({0, C // 2, C - 1}):
+        for phase in range(kw):
+            s, e = start[c], start[c + 1]
+            u = s + phase
+            if u >= e:
+                continue
+            key = u // KB
+            pz, pg, pb = key // G, key % G, u % KB
+            for u in range(u, e, kw):  # gemv_body's issue(): pb += kw, carried into pg and pz
+                assert (pz, pg, pb) == (u // KB // G, u // KB % G, u % KB)
+                pb += kw
+                while pb >= KB:
+                    pb -= KB
+                    pg += 1
+                    if pg == G:
+                        pg, pz = 0, pz + 1
 
 
 # --- CPU: grouped products (a mixture of experts) -------------------------------------------------------
@@ -295,21 +359,22 @@ def test_grouped_plans(T, wgmma):
     offsets = offsets_of(routing_counts(T))
     G = int(np.diff(offsets).max())
     for N, K in EXPERT_SHAPES:
-        name, grid, block, smem, splits, tiles = plan_grouped(offsets, N, K, wgmma)
-        assert 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:])
+        p = plan_grouped(offsets, N, K, wgmma)
         if wgmma and G > DECODE_T:
-            assert name == "fp8_grouped_gemm_wgmma" and smem == GM_SMEM and splits == 1 and block == (GM_THREADS,)
-            assert grid == (min(len(tiles) * -(-N // 128), 132), 1, 1)
-            check_tiles(tiles, offsets, 128)
+            assert p.kernel == "fp8_grouped_gemm_wgmma" and p.smem == GM_SMEM and p.pieces == 1
+            assert p.block == (GM_THREADS,) and p.grid == (min(len(p.tiles) * -(-N // 128), 132), 1, 1)
+            check_tiles(p.tiles, offsets, 128)
         else:
             rows = 8 if G <= 8 else 16
-            assert name == f"fp8_grouped_gemv_t{rows}" and smem == 0 and block == (256,)
-            assert grid == (-(-N // 64), splits, len(tiles)) and 1 <= splits <= -(-K // 128)
-            check_tiles(tiles, offsets, rows)
+            assert p.kernel == f"fp8_grouped_gemv_t{rows}" and p.smem == gv_smem(rows // 8) and p.block == (128,)
+            units = len(p.tiles) * -(-N // (128 // p.k_warps)) * -(-K // 128)
+            assert 1 <= p.grid[0] <= min(units, GV_CTAS_PER_SM * 132) and p.grid[1:] == (1, 1)
+            assert 1 <= p.pieces <= -(-K // 128)
+            check_tiles(p.tiles, offsets, rows)
     if T <= 8:
         assert G <= 8  # decode: the shared expert's T rows are the largest group
     if T == 1:  # one token: its 8 experts and the shared one, one row each, every weight streamed once
-        assert plan_grouped(offsets, 4096, 7168, True)[5].shape == (9, 3)
+        assert plan_grouped(offsets, 4096, 7168, True).tiles.shape == (9, 3)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -328,7 +393,9 @@ def test_kernel_compiles_without_spills(arch, tmp_path):
 # --- GPU: the kernels against the reference -----------------------------------------------------------------
 
 # |error| <= MTOL * mag (see magnitude()). The GEMV (mma.sync on exactly converted f16 values) sums exact products
-# in fp32: per block 8 k16 steps + the promotion, (K/16 + K/128) * 2^-24 * mag at worst, 2.5e-6 at K = 7168.
+# in fp32: per block 8 k16 steps and the promotion, then the pieces of a row's K range (phase warps, CTAs): along any
+# path n = K/16 + K/128 + (up to 4 + 9) roundings, each at most 2^-24 * mag, 3.1e-5 at K = 7168 if all had one sign
+# and size; independent roundings add like a random walk, sqrt(n) * 2^-24 * mag = 1.4e-6 there, so 2e-5.
 # Hopper's fp8 wgmma keeps only ~13 bits of the running sum while it accumulates: within one 128-wide block the
 # four chained k32 instructions can each lose up to 2^-13 of the block's magnitude (4 * 1.2e-4 = 4.9e-4), and the
 # promotion to fp32 after every block stops it from growing further. Measured on an H200 (2026-11-28): at most
@@ -357,15 +424,15 @@ def gpu_case(T, N, K, seed, bf16=False):
     return x, w8, ws, x8, sx, fp8_gemm_reference(x8, sx, w8, ws), magnitude(x8, sx, w8, ws)
 
 
-def run_gemm(T, N, K, path, seed=0, splits=None):
+def run_gemm(T, N, K, path, seed=0, ctas=None, k_warps=None):
     import cupy as cp
     from kernels.fp8_gemm import fp8_gemm_gpu
     _, w8, ws, x8, sx, ref, mag = gpu_case(T, N, K, seed)
     out = cp.full((T, N), np.nan, np.float32)  # poison: every element must be written
-    got = fp8_gemm_gpu(x8, sx, w8, ws, out=out, path=path, splits=splits)
+    got = fp8_gemm_gpu(x8, sx, w8, ws, out=out, path=path, ctas=ctas, k_warps=k_warps)
     assert got is out
     assert_close(cp.asnumpy(got), cp.asnumpy(ref), cp.asnumpy(mag), MTOL[path if T > DECODE_T else "mma"],
-                 f"{path} T={T} N={N} K={K} splits={splits}")
+                 f"{path} T={T} N={N} K={K} ctas={ctas} k_warps={k_warps}")
     return got
 
 
@@ -396,13 +463,19 @@ def test_ragged_shapes(N, K, T, path):
 
 
 @gpu
-@pytest.mark.parametrize("splits", [1, 2, 3, 14, 56])
-def test_decode_split_k(splits):
-    """The split-K reduction (last CTA adds the partials in order) at every split count, and bit-identical
-    when repeated: the tickets were reset and the order does not depend on timing."""
-    a = run_gemm(3, 576, 7168, "mma", seed=5, splits=splits)
-    b = run_gemm(3, 576, 7168, "mma", seed=5, splits=splits)
+@pytest.mark.parametrize("ctas,k_warps", [(None, None), (1, 1), (2, 4), (3, 2), (14, 4), (132, 1), (500, 4), (10**6, 2)],
+                         ids=str)
+@pytest.mark.parametrize("T", [1, 8, 16])
+@pytest.mark.parametrize("N,K", [(576, 7168), (1000, 2048), (200, 304), (129, 130)])
+def test_decode_partitions(N, K, T, ctas, k_warps):
+    """The GEMV at forced partitions: one CTA with everything (no key cut), a few CTAs (keys cut mid-range, in
+    slots 0 and 1), many (keys cut into many pieces; 10**6 is clamped to one CTA per unit), with 1, 2 or 4 warps
+    splitting K. Narrow N (576), N not a multiple of 32 (1000, 200, 129), K not of 128 (304: 16-byte loads and a
+    ragged last block; 130: byte loads). Bit-identical when repeated: the tickets were reset and the pieces are
+    added in CTA order, whatever the timing."""
     import cupy as cp
+    a = run_gemm(T, N, K, "mma", seed=T + N, ctas=ctas, k_warps=k_warps)
+    b = run_gemm(T, N, K, "mma", seed=T + N, ctas=ctas, k_warps=k_warps)
     assert cp.array_equal(a, b)
 
 
@@ -550,15 +623,15 @@ def grouped_magnitude(x8, sx, w8, ws, offsets):
     return mag
 
 
-def run_grouped(x8, sx, w8, ws, offsets, path, splits=None, what=""):
+def run_grouped(x8, sx, w8, ws, offsets, path, ctas=None, k_warps=None, what=""):
     """The grouped launch into a NaN-poisoned output (every element must be written), checked against the
     grouped reference with the tolerance of the kernel the plan picks. Returns (y, kernel name)."""
     import cupy as cp
     from kernels.fp8_gemm import _module, _num_sms, fp8_grouped_gemm_gpu
     R, N = x8.shape[0], w8.shape[1]
-    name = plan_grouped(offsets, N, w8.shape[2], _module()[1] and path != "mma", _num_sms(), splits)[0]
+    name = plan_grouped(offsets, N, w8.shape[2], _module()[1] and path != "mma", _num_sms(), ctas, k_warps).kernel
     out = cp.full((R, N), np.nan, np.float32)
-    got = fp8_grouped_gemm_gpu(x8, sx, w8, ws, offsets, out=out, path=path, splits=splits)
+    got = fp8_grouped_gemm_gpu(x8, sx, w8, ws, offsets, out=out, path=path, ctas=ctas, k_warps=k_warps)
     assert got is out
     ref = fp8_grouped_gemm_reference(x8, sx, w8, ws, offsets)
     mag = grouped_magnitude(x8, sx, w8, ws, offsets)
@@ -603,18 +676,21 @@ def test_grouped_ragged_shapes(counts, N, K, path):
 
 
 @gpu
-@pytest.mark.parametrize("splits", [1, 2, 3, 14, 56])
-def test_grouped_gemv_split_k(splits):
-    """The grouped GEMV's split-K reduction (its ws rows are the group's rows of [splits, R, N]) at every split
-    count, and bit-identical when repeated."""
+@pytest.mark.parametrize("ctas,k_warps", [(None, None), (1, 4), (3, 1), (14, 2), (1000, 4)], ids=str)
+@pytest.mark.parametrize("counts", [[1, 0, 3, 2, 0, 1], [0, 9, 0, 4, 16]], ids=str)
+@pytest.mark.parametrize("N,K", [(576, 7168), (129, 130)])
+def test_grouped_gemv_partitions(N, K, counts, ctas, k_warps):
+    """The grouped GEMV at forced partitions: a CTA's run of units crosses from one expert's weight to the next,
+    its cut keys' pieces land in ws by CTA, whatever the group; t8 tiles (groups <= 8 rows) and t16. Bit-identical
+    when repeated."""
     import cupy as cp
-    counts = [1, 0, 3, 2, 0, 1]
     rng = cp.random.default_rng(11)
-    w = [random_weight(cp, rng, 576, 7168) for _ in counts]
+    w = [random_weight(cp, rng, N, K) for _ in counts]
     w8, ws = cp.stack([a for a, _ in w]), cp.stack([b for _, b in w])
-    x8, sx = quantize_activations_reference(random_activations(rng, sum(counts), 7168, cp))
-    a, _ = run_grouped(x8, sx, w8, ws, offsets_of(counts), "mma", splits=splits, what=f"splits={splits}")
-    b, _ = run_grouped(x8, sx, w8, ws, offsets_of(counts), "mma", splits=splits, what=f"splits={splits} again")
+    x8, sx = quantize_activations_reference(random_activations(rng, sum(counts), K, cp))
+    what = f"N={N} K={K} counts={counts} ctas={ctas} k_warps={k_warps}"
+    a, _ = run_grouped(x8, sx, w8, ws, offsets_of(counts), "mma", ctas, k_warps, what=what)
+    b, _ = run_grouped(x8, sx, w8, ws, offsets_of(counts), "mma", ctas, k_warps, what=what + " again")
     assert cp.array_equal(a, b)
 
 
