@@ -19,8 +19,8 @@ blocks they touch (decode refreshes just the partial last block).
 import numpy as np
 
 from kernels._cuda import xp_of
-from kernels.hisa_tokens import force_blocks, hisa_token_scores, slots_to_positions
-from kernels.indexer import index_scores
+from kernels.hisa_tokens import hisa_token_scores
+from kernels.indexer import hisa_block_scores
 from kernels.pool import pool_blocks
 from kernels.topk import topk
 
@@ -45,13 +45,11 @@ class PooledKeys:
 
 
 def block_scores(q, q_scale, w, pooled, ends):
-    """J[t, b] over the blocks a query can see; first and own block +inf, future blocks -inf."""
-    B = pooled.B
-    n_blocks = -(-pooled.length // B)  # ends never pass the pooled length
-    block_ends = (ends + np.int32(B - 1)) // np.int32(B)                          # (T,) blocks t can see
-    J = index_scores(q, w, pooled.k[:n_blocks], block_ends, q_scale=q_scale,
-                     k_scale=None if q_scale is None else pooled.k_scale[:n_blocks])  # (T, n_blocks)
-    return force_blocks(J, ends, B)  # J[t, 0] = J[t, own block] = +inf
+    """J[t, b] over the blocks a query can see, b < ceil(ends[t] / B); first and own block +inf, future blocks
+    -inf. One kernel launch on the GPU: the block range and the forcing are worked out inside it."""
+    n_blocks = -(-pooled.length // pooled.B)  # ends never pass the pooled length
+    return hisa_block_scores(q, w, pooled.k, ends, pooled.B, q_scale=q_scale,
+                             k_scale=None if q_scale is None else pooled.k_scale, n=n_blocks)  # (T, n_blocks)
 
 
 def select(q, q_scale, w, index_cache, pooled, ends, K, m):
@@ -60,8 +58,9 @@ def select(q, q_scale, w, index_cache, pooled, ends, K, m):
     cand = hisa_token_scores(q, w, index_cache["k"], blocks, pooled.B, ends, q_scale=q_scale,
                              key_scale=index_cache["k_scale"])                    # (T, m*B)
     # blocks ascending and slots ascending keep candidates in position order, so ties still go to the
-    # lower position, exactly as in DSA's flat top-K
-    return slots_to_positions(topk(cand, K), blocks, pooled.B)                    # (T, K)
+    # lower position, exactly as in DSA's flat top-K; the top-K writes positions blocks[t, slot // B] * B +
+    # slot % B straight away (-1 past ends[t], which only a -inf candidate could reach)
+    return topk(cand, K, blocks=blocks, B=pooled.B, ends=ends)                    # (T, K)
 
 
 def block_select(q, q_scale, w, pooled, ends, K):

@@ -1,4 +1,6 @@
-"""Where HISA's time goes: each stage timed alone at the released dimensions (GPU).
+"""Where HISA's time goes: each stage timed alone at the released dimensions (GPU), host time included (CUDA
+events around each call, so a stage whose launches outlast its kernels shows its host cost). The fused stages
+hisa.select uses (block scores in one launch, the top-K writing positions) beside what they replaced.
 
     python bench/stages.py [--lengths 32768,131072] [--queries 1024]
 """
@@ -31,23 +33,28 @@ def main():
             pooled.update(0, L)
             J = hisa.block_scores(q, qs, w, pooled, ends)
             nb = -(-L // B)
-            bends = ((ends - 1) // B + 1).astype(np.int32)
             blocks = topk(J, M)
             cand = hisa_token_scores(q, w, cache["k"], blocks, B, ends, q_scale=qs, key_scale=cache["k_scale"])
             slots = topk(cand, K)
             I = index_scores(q, w, cache["k"], ends, q_scale=qs, k_scale=cache["k_scale"])
+
+            def unfused_block_scores():  # what hisa.block_scores did before it became one launch
+                bends = (ends + np.int32(B - 1)) // np.int32(B)
+                J = index_scores(q, w, pooled.k[:nb], bends, q_scale=qs, k_scale=pooled.k_scale[:nb])
+                return force_blocks(J, ends, B)
+
             t = {
                 "dsa scores": timeit(lambda: index_scores(q, w, cache["k"], ends, q_scale=qs, k_scale=cache["k_scale"])),
                 "dsa top-k": timeit(lambda: topk(I, K)),
-                "hisa block scores": timeit(lambda: hisa.block_scores(q, qs, w, pooled, ends)),
-                "  of which index_scores": timeit(lambda: index_scores(q, w, pooled.k[:nb], bends, q_scale=qs,
-                                                                        k_scale=pooled.k_scale[:nb])),
+                "hisa block scores (1 launch)": timeit(lambda: hisa.block_scores(q, qs, w, pooled, ends)),
+                "  unfused: block ends + index_scores + force_blocks": timeit(unfused_block_scores),
                 "  of which force_blocks": timeit(lambda: force_blocks(J, ends, B)),
                 "hisa top-m": timeit(lambda: topk(J, M)),
                 "hisa token scores": timeit(lambda: hisa_token_scores(q, w, cache["k"], blocks, B, ends, q_scale=qs,
                                                                       key_scale=cache["k_scale"])),
-                "hisa top-k": timeit(lambda: topk(cand, K)),
-                "hisa slots->pos": timeit(lambda: slots_to_positions(slots, blocks, B)),
+                "hisa top-k -> positions (1 launch)": timeit(lambda: topk(cand, K, blocks=blocks, B=B, ends=ends)),
+                "  top-k alone": timeit(lambda: topk(cand, K)),
+                "  slots->pos alone (unfused)": timeit(lambda: slots_to_positions(slots, blocks, B)),
                 "hisa select (all)": timeit(lambda: hisa.select(q, qs, w, cache, pooled, ends, K, M)),
                 "empty launch": timeit(lambda: cp.empty(1)),
             }

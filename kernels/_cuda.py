@@ -177,3 +177,11 @@ def check_array(a, name, dtype, ndim=None, shape=None):
                 raise ValueError(f"{name}: shape {a.shape}, dim {i} should be {want}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous (shape {a.shape}, strides {a.strides})")
+
+
+def want(a, name, dtype, shape):
+    """check_array for the launchers' hot path: four cheap tests (dtype a np.dtype, shape a tuple of ints), and
+    check_array's message only once one has failed."""
+    if not (is_gpu(a) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
+        check_array(a, name, dtype, ndim=len(shape), shape=shape)
+        raise ValueError(f"{name}: shape {a.shape}, expected {shape}")

@@ -3,6 +3,11 @@
 //   I[t, s] = ks[s] * sum_h (w[t,h] * qs[t,h]) * ReLU(q[t,h,:] . k[s,:])    start[t] <= s < end[t]
 //   I[t, s] = -inf                                                         every other s in [0, N)
 //
+// HISA's block scores use the same kernels on the pooled keys (one key per block of B positions) with
+// end_div = B and force = 1: query t sees blocks [0, ceil(ends[t] / B)) (ends in positions), and block 0
+// and block (ends[t] - 1) / B (its own, when ends[t] >= 1 and that block is < N) are set to +inf, in
+// every row t < T, also where the row sees nothing (kernels/indexer.py:hisa_block_scores_reference).
+//
 // fp8 kernels: q, k are e4m3 bytes with positive per-(t,h) and per-s scales qs, ks, so ks factors out of
 // the ReLU (applied after the head sum) and qs folds into w. bf16 kernels: qs = ks = 1 (not read).
 // The [T, HI, N] per-head logits never leave registers.
@@ -14,21 +19,26 @@
 //   w      float [T, HI]
 //   k      [N, DI]      e4m3 bytes or bf16 bits; 16-byte aligned
 //   ks     float [N]                           (fp8 only)
-//   starts, ends  int [T]; clamped here to [0, N], so a bad range cannot fault (the launcher checks)
+//   starts, ends  int [T]; clamped here to [0, N], so a bad range cannot fault (the launcher checks);
+//                 starts may be null (all 0)
 //   out    float [T, N]; every element is written (64-bit offsets: T*N may exceed 2^31)
 //   smem_bytes    the dynamic shared memory the launcher gave; the kernel traps if it is too small
+//   end_div       >= 1: row t's range ends at ceil(ends[t] / end_div) (1 for DSA, B for HISA's blocks)
+//   force         1: columns 0 and (ends[t] - 1) / end_div of row t are +inf (HISA's forced blocks)
 //
 // Launch: grid (ceil(T / QCTA), splits), block NTH threads, dynamic shared memory as computed by
-// kernels/indexer.py (_smem_bytes). CTA x owns the QCTA queries of block gridDim.x-1-x (late, long
+// kernels/indexer.py (_layout). CTA x owns the QCTA queries of block gridDim.x-1-x (late, long
 // causal rows first) and, with splits > 1, one slice of the key axis (whole BK tiles), so that a few
 // queries (decode) still spread over every SM. Per CTA:
 //   1. the union [lo, hi) of its rows' [start, end) ranges, cut to its key slice, in BK-key tiles;
 //      columns of the slice outside those tiles get -inf straight away (causal prefill: half the work
-//      skipped);
+//      skipped). A CTA writes only its own slice, so a forced (+inf) column is written, like any
+//      other, by the one CTA whose slice holds it: in the -inf fill or in step 4;
 //   2. a STAGES-deep cp.async ring streams k tiles into shared memory (16-byte chunks, XOR swizzle);
 //   3. tensor cores compute the [keys, query-heads] logits; ReLU, weight and head sum in registers
 //      (quad shuffles), per-(query, key) sums to a small shared buffer S;
-//   4. the previous tile's S goes out: masked to -inf outside each row's range, times ks, streaming stores.
+//   4. the previous tile's S goes out: masked to -inf outside each row's range, times ks, forced columns
+//      +inf, streaming stores.
 // Two tensor-core paths with the same plan:
 //   index_scores_wgmma_*  sm_90a warpgroup MMA (wgmma, real fp8 rate on Hopper). 2 warpgroups, 256
 //     threads. M = 64 keys per warpgroup from the shared k tile, N = NCOL query-head columns of Q, held
@@ -60,6 +70,7 @@ static_assert(HI == 4 || HI == 8 || HI == 16 || HI == 32 || HI == 64, "HI must b
 static_assert(DI == 64 || DI == 128, "DI must be 64 or 128");
 
 #define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
 #define FULL_MASK 0xffffffffu
 
 extern __shared__ __align__(1024) u8 smem_raw[];
@@ -92,9 +103,14 @@ struct Plan {
   int kt0, nt;  // tiles kt0 .. kt0+nt-1 are computed
 };
 
+// Column s of a row is forced to +inf (HISA): block 0 and the row's own block rf (-1: none).
+__device__ __forceinline__ bool forced(int force, int s, int rf) { return force && (s == 0 || s == rf); }
+
+// rs, re, rf: per row of the CTA, its range [rs, re) and its forced own column (-1: none).
 template <int QCTA, int BK, int NTH>
 __device__ __forceinline__ Plan make_plan(const int* __restrict__ starts, const int* __restrict__ ends,
-                                          float* __restrict__ out, int T, int N, int* rs, int* re, int tid) {
+                                          float* __restrict__ out, int T, int N, int end_div, int force, int* rs,
+                                          int* re, int* rf, int tid) {
   Plan p;
   p.t0 = (gridDim.x - 1 - blockIdx.x) * QCTA;
   const int tiles = (N + BK - 1) / BK;
@@ -104,13 +120,16 @@ __device__ __forceinline__ Plan make_plan(const int* __restrict__ starts, const 
   p.c1 = min(p.c0 + per_split * BK, N);
   for (int i = tid; i < QCTA; i += NTH) {
     const int t = p.t0 + i;
-    int s = 0, e = 0;  // rows past T: empty
+    int s = 0, e = 0, f = -1;  // rows past T: empty
     if (t < T) {
-      s = max(starts[t], 0);
-      e = min(ends[t], N);
+      const int et = ends[t];
+      s = starts ? max(starts[t], 0) : 0;
+      e = et > 0 ? min((et - 1) / end_div + 1, N) : 0;  // ceil(et / end_div), no overflow near 2^31
+      if (force && et > 0) f = (et - 1) / end_div;     // >= N: no such column, never matched
     }
     rs[i] = s;
     re[i] = e;
+    rf[i] = f;
   }
   __syncthreads();
   int lo = N, hi = 0;
@@ -135,24 +154,26 @@ __device__ __forceinline__ Plan make_plan(const int* __restrict__ starts, const 
     const int t = p.t0 + i;
     if (t >= T) break;
     float* row = out + (long long)t * N;
-    for (int s = p.c0 + tid; s < fill_to; s += NTH) st_stream(row + s, NEG_INF);
-    for (int s = fill_from + tid; s < p.c1; s += NTH) st_stream(row + s, NEG_INF);
+    const int f = rf[i];
+    for (int s = p.c0 + tid; s < fill_to; s += NTH) st_stream(row + s, forced(force, s, f) ? POS_INF : NEG_INF);
+    for (int s = fill_from + tid; s < p.c1; s += NTH) st_stream(row + s, forced(force, s, f) ? POS_INF : NEG_INF);
   }
   return p;
 }
 
-// One finished tile: S holds NPART partial head sums per (query, key); mask, scale by ks, store.
+// One finished tile: S holds NPART partial head sums per (query, key); mask, scale by ks, force, store.
 template <bool FP8, int QCTA, int BK, int NPART, int NTH>
 __device__ __forceinline__ void write_tile(const Plan& p, int kbase, const float* S, const int* rs, const int* re,
-                                           const float* __restrict__ ks, float* __restrict__ out, int T, int N,
-                                           int tid) {
+                                           const int* rf, int force, const float* __restrict__ ks,
+                                           float* __restrict__ out, int T, int N, int tid) {
 #pragma unroll 4
   for (int i = tid; i < QCTA * BK; i += NTH) {
     const int ql = i / BK, c = i % BK;
     const int t = p.t0 + ql, s = kbase + c;
     if (t >= T || s >= p.c1) continue;
-    float v = NEG_INF;
-    if (s >= rs[ql] && s < re[ql]) {
+    const bool f = forced(force, s, rf[ql]);
+    float v = f ? POS_INF : NEG_INF;
+    if (!f && s >= rs[ql] && s < re[ql]) {
       v = S[i];
       if constexpr (NPART == 2) v += S[QCTA * BK + i];
       if constexpr (FP8) v *= ks[s];
@@ -225,8 +246,8 @@ __device__ __forceinline__ void load_weights(float* W, int ncols, const float* _
 #define INDEXER_PARAMS                                                                                   \
   const u8 *__restrict__ q, const float *__restrict__ qs, const float *__restrict__ w,                  \
       const u8 *__restrict__ k, const float *__restrict__ ks, const int *__restrict__ starts,           \
-      const int *__restrict__ ends, float *__restrict__ out, int T, int N, int smem_bytes
-#define INDEXER_ARGS q, qs, w, k, ks, starts, ends, out, T, N, smem_bytes
+      const int *__restrict__ ends, float *__restrict__ out, int T, int N, int smem_bytes, int end_div, int force
+#define INDEXER_ARGS q, qs, w, k, ks, starts, ends, out, T, N, smem_bytes, end_div, force
 
 // ---------------------------------------------------------------------------------------------------
 // mma.sync path (sm_89+)
@@ -282,7 +303,7 @@ __device__ __forceinline__ void mma_body(INDEXER_PARAMS) {
   constexpr int S_FLOATS = NPART * QCTA * BK;     // one buffer
   constexpr int OFF_W = OFF_S + 2 * S_FLOATS * 4;
   constexpr int OFF_R = OFF_W + COLS * 4;
-  constexpr int SMEM = OFF_R + 2 * QCTA * 4;
+  constexpr int SMEM = OFF_R + 3 * QCTA * 4;
   if (smem_bytes < SMEM) trap();
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -293,8 +314,9 @@ __device__ __forceinline__ void mma_body(INDEXER_PARAMS) {
   float* W = reinterpret_cast<float*>(sm + OFF_W);
   int* rs = reinterpret_cast<int*>(sm + OFF_R);
   int* re = rs + QCTA;
+  int* rf = re + QCTA;
 
-  const Plan p = make_plan<QCTA, BK, NTH>(starts, ends, out, T, N, rs, re, tid);
+  const Plan p = make_plan<QCTA, BK, NTH>(starts, ends, out, T, N, end_div, force, rs, re, rf, tid);
   if (p.nt == 0) return;
 
   const long long qrows = (long long)T * HI, row0 = (long long)p.t0 * HI;
@@ -369,12 +391,12 @@ __device__ __forceinline__ void mma_body(INDEXER_PARAMS) {
       head_sum<4, BK>(acc, wcol, Sb, q0, m * 16 + g, lane);
     }
     if (it > 0)
-      write_tile<FP8, QCTA, BK, NPART, NTH>(p, (p.kt0 + it - 1) * BK, S + ((it - 1) & 1) * S_FLOATS, rs, re, ks,
-                                            out, T, N, tid);
+      write_tile<FP8, QCTA, BK, NPART, NTH>(p, (p.kt0 + it - 1) * BK, S + ((it - 1) & 1) * S_FLOATS, rs, re, rf,
+                                            force, ks, out, T, N, tid);
   }
   __syncthreads();
-  write_tile<FP8, QCTA, BK, NPART, NTH>(p, (p.kt0 + p.nt - 1) * BK, S + ((p.nt - 1) & 1) * S_FLOATS, rs, re, ks,
-                                        out, T, N, tid);
+  write_tile<FP8, QCTA, BK, NPART, NTH>(p, (p.kt0 + p.nt - 1) * BK, S + ((p.nt - 1) & 1) * S_FLOATS, rs, re, rf,
+                                        force, ks, out, T, N, tid);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -400,7 +422,7 @@ __device__ __forceinline__ void wgmma_body(INDEXER_PARAMS) {
   constexpr int S_FLOATS = QCTA * BK;
   constexpr int OFF_W = OFF_S + 2 * S_FLOATS * 4;
   constexpr int OFF_R = OFF_W + QB * NCOL * 4;
-  constexpr int SMEM = OFF_R + 2 * QCTA * 4 + 1024;  // + worst-case alignment of the base to 1024
+  constexpr int SMEM = OFF_R + 3 * QCTA * 4 + 1024;  // + worst-case alignment of the base to 1024
   if (smem_bytes < SMEM) trap();
 
   const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wv = (tid >> 5) & 3;
@@ -413,8 +435,9 @@ __device__ __forceinline__ void wgmma_body(INDEXER_PARAMS) {
   float* W = reinterpret_cast<float*>(sm + OFF_W);
   int* rs = reinterpret_cast<int*>(sm + OFF_R);
   int* re = rs + QCTA;
+  int* rf = re + QCTA;
 
-  const Plan p = make_plan<QCTA, BK, NTH>(starts, ends, out, T, N, rs, re, tid);
+  const Plan p = make_plan<QCTA, BK, NTH>(starts, ends, out, T, N, end_div, force, rs, re, rf, tid);
   if (p.nt == 0) return;
 
   const long long qrows = (long long)T * HI, row0 = (long long)p.t0 * HI;
@@ -457,12 +480,12 @@ __device__ __forceinline__ void wgmma_body(INDEXER_PARAMS) {
       head_sum<NCOL / 8, BK>(acc, W + b * NCOL, S + (it & 1) * S_FLOATS, b * (NCOL / HI), row, lane);
     }
     if (it > 0)
-      write_tile<FP8, QCTA, BK, 1, NTH>(p, (p.kt0 + it - 1) * BK, S + ((it - 1) & 1) * S_FLOATS, rs, re, ks, out,
-                                        T, N, tid);
+      write_tile<FP8, QCTA, BK, 1, NTH>(p, (p.kt0 + it - 1) * BK, S + ((it - 1) & 1) * S_FLOATS, rs, re, rf,
+                                        force, ks, out, T, N, tid);
   }
   __syncthreads();
-  write_tile<FP8, QCTA, BK, 1, NTH>(p, (p.kt0 + p.nt - 1) * BK, S + ((p.nt - 1) & 1) * S_FLOATS, rs, re, ks, out,
-                                    T, N, tid);
+  write_tile<FP8, QCTA, BK, 1, NTH>(p, (p.kt0 + p.nt - 1) * BK, S + ((p.nt - 1) & 1) * S_FLOATS, rs, re, rf,
+                                    force, ks, out, T, N, tid);
 }
 
 #define WGMMA_BODY(...) wgmma_body<__VA_ARGS__>(INDEXER_ARGS)

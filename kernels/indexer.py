@@ -5,14 +5,21 @@ Shapes: T queries, N keys, Hi indexer heads, Di head dim. Query t sees keys star
 fp8 mode: q, k are e4m3 bit patterns (uint8) with positive scales q_scale [T, Hi], k_scale [N], and the
 dot is over the decoded values. Float mode: no scales; the GPU computes in bf16 (products exact, fp32 sums).
 
-index_scores_reference is the oracle and the CPU path; index_scores_gpu launches kernels/indexer.cu;
-index_scores picks one by where q lives. bench/kernels.py times the kernel.
+HISA's block scores (SPEC section 6 step 2) are the same kernel over the pooled keys, one per block of B
+positions, with the block range [0, ceil(ends[t] / B)) and the forced blocks (+inf) worked out in the kernel:
+hisa_block_scores, one launch.
+
+index_scores_reference (hisa_block_scores_reference) is the oracle and the CPU path; index_scores_gpu
+(hisa_block_scores_gpu) launches kernels/indexer.cu; index_scores (hisa_block_scores) picks one by where q
+lives. bench/kernels.py times the kernel, bench/stages.py HISA's stages.
 """
+import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, with_dynamic_smem, xp_of
+from kernels._cuda import check, is_gpu, module_sm90a, per_device, want, with_dynamic_smem, xp_of
 from kernels.fp8 import e4m3_decode
+from kernels.hisa_tokens import force_blocks_reference
 
 HEADS = (4, 8, 16, 32, 64)  # Hi the kernels are built for
 HEAD_DIMS = (64, 128)       # Di
@@ -71,7 +78,22 @@ def index_scores_reference(q, w, k, ends, q_scale=None, k_scale=None, starts=Non
     return out
 
 
-# --- GPU launcher ---------------------------------------------------------------------------------
+def hisa_block_scores_reference(q, w, k, ends, B, q_scale=None, k_scale=None, n=None):
+    """HISA's block scores J [T, n] on pooled keys: index_scores_reference over the blocks query t can see,
+    [0, ceil(ends[t] / B)) (ends in positions), then block 0 and the block holding position ends[t] - 1 set to
+    +inf (force_blocks_reference). k [>= n, Di] (k_scale [>= n]): the first n rows are the blocks (default all)."""
+    xp = xp_of(q)
+    n = k.shape[0] if n is None else int(n)
+    block_ends = -(-xp.asarray(ends).astype(np.int64) // B)  # (T,) ceil(ends / B)
+    J = index_scores_reference(q, w, k[:n], block_ends, q_scale, None if k_scale is None else k_scale.reshape(-1)[:n])
+    return force_blocks_reference(J, ends, B)
+
+
+# --- GPU launchers --------------------------------------------------------------------------------
+
+_U8, _U16, _I32, _F32 = (np.dtype(d) for d in (np.uint8, np.uint16, np.int32, np.float32))
+_NULL = np.uint64(0)  # a null pointer argument (starts absent: all 0)
+
 
 def _module(Hi, Di):
     """indexer.cu built for (Hi, Di): (module, has_wgmma); see _cuda.module_sm90a."""
@@ -102,31 +124,41 @@ def wgmma_config(fp8, decode):
     return (128, 2, 1, 2) if fp8 else (128, 2, 1, 1)
 
 
-def plan(T, N, Hi, Di, fp8, wgmma, num_sms=132, splits=None):
-    """Kernel name, grid, block and dynamic shared memory for one call (mirrors indexer.cu's layout)."""
+def _layout(Hi, Di, fp8, wgmma, small):
+    """One entry point of indexer.cu: (name, threads, dynamic shared memory, queries a CTA, keys a tile, q bytes
+    a CTA, bytes a key tile). small: the decode kernels (all queries fit one 64-column block)."""
     _check_dims(Hi, Di)
     DB = Di if fp8 else 2 * Di  # bytes per q/k row
-    small = T * Hi <= 64        # decode: all queries fit one 64-column block
     mode = "fp8" if fp8 else "bf16"
     if wgmma:
         ncol, qg, ks, qr = wgmma_config(fp8, small)
         qb = qg * qr  # Q blocks of ncol query-head columns
         bk, qcta, threads = 64 * ks, qb * ncol // Hi, 256
-        smem = qb * ncol * DB + 4 * bk * DB + 2 * qcta * bk * 4 + qb * ncol * 4 + 2 * qcta * 4 + 1024
+        smem = qb * ncol * DB + 4 * bk * DB + 2 * qcta * bk * 4 + qb * ncol * 4 + 3 * qcta * 4 + 1024
         name = f"index_scores_wgmma_{mode}" + ("_decode" if small else "")
     else:
         nw = 2 if small else 8
         cols, bk, threads = nw * 32, 64, nw * 32
         qcta, npart = cols // Hi, max(1, Hi // 32)
-        smem = 4 * bk * DB + 2 * npart * qcta * bk * 4 + cols * 4 + 2 * qcta * 4
+        smem = 4 * bk * DB + 2 * npart * qcta * bk * 4 + cols * 4 + 3 * qcta * 4
         name = f"index_scores_mma_{mode}" + ("_decode" if small else "")
+    return name, threads, smem, qcta, bk, qcta * Hi * DB, bk * DB
+
+
+def _grid(T, N, qcta, bk, q_bytes, tile_bytes, num_sms, splits):
+    """(query blocks, key splits) for T queries over N keys (mirrors make_plan's cut of the key axis)."""
     qblocks = -(-T // qcta)
     tiles = -(-N // bk)
     if splits is None:
-        splits = key_splits(qblocks, tiles, q_bytes=qcta * Hi * DB, tile_bytes=bk * DB, num_sms=num_sms)
+        splits = key_splits(qblocks, tiles, q_bytes, tile_bytes, num_sms)
     splits = int(max(1, min(splits, tiles, 65535)))
-    splits = -(-tiles // -(-tiles // splits))  # as make_plan cuts: ceil(tiles / splits) tiles a slice, none empty
-    return name, (qblocks, splits), (threads,), smem
+    return qblocks, -(-tiles // -(-tiles // splits))  # as make_plan cuts: ceil(tiles / splits) a slice, none empty
+
+
+def plan(T, N, Hi, Di, fp8, wgmma, num_sms=132, splits=None):
+    """Kernel name, grid, block and dynamic shared memory for one call (mirrors indexer.cu's layout)."""
+    name, threads, smem, qcta, bk, q_bytes, tile_bytes = _layout(Hi, Di, fp8, wgmma, T * Hi <= 64)
+    return name, _grid(T, N, qcta, bk, q_bytes, tile_bytes, num_sms, splits), (threads,), smem
 
 
 def key_splits(qblocks, tiles, q_bytes, tile_bytes, num_sms):
@@ -156,13 +188,89 @@ def key_splits(qblocks, tiles, q_bytes, tile_bytes, num_sms):
 def _bf16_bits(a, name):
     """bf16 bit patterns (uint16) of a CuPy array: uint16 and bfloat16 pass through, floats round to nearest even."""
     import cupy as cp
-    if a.dtype == np.uint16:
+    if a.dtype == _U16:
         return a
     if a.dtype.name == "bfloat16":
         return a.view(np.uint16)
     check(a.dtype.kind == "f", f"{name}: dtype {a.dtype}, expected a float dtype or bf16 bits (uint16)")
     u = cp.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
     return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def _what(a):
+    return f"{type(a).__name__} {getattr(a, 'shape', '')}"
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_config(device, Hi, Di, fp8, small, path):
+    """(kernel, block, smem, smem as np.int32, queries a CTA, keys a tile, q bytes, tile bytes, SMs): everything of
+    a launch but its grid, for one entry point on GPU `device` (the current one; the kernel belongs to it),
+    made and checked once."""
+    _check_dims(Hi, Di)
+    check(path in ("auto", "wgmma", "mma"), f"index_scores: path {path!r}, expected auto, wgmma or mma")
+    _, has_wgmma = _module(Hi, Di)
+    check(path != "wgmma" or has_wgmma, "index_scores: the wgmma kernels need an sm_90 GPU (sm_90a build)")
+    name, threads, smem, qcta, bk, q_bytes, tile_bytes = _layout(Hi, Di, fp8, has_wgmma and path != "mma", small)
+    return (_function(Hi, Di, name, smem), (threads,), smem, np.int32(smem), qcta, bk, q_bytes, tile_bytes,
+            _num_sms())
+
+
+def _scores_gpu(who, q, w, k, n, ends, q_scale, k_scale, starts, out, path, splits, check_ranges, end_div, force):
+    """index_scores_gpu and hisa_block_scores_gpu: check, then one launch over the first n rows of k (None: all).
+
+    The hot path runs no CuPy operation but the output's allocation and the launch; error messages are only
+    formatted once a check has failed."""
+    import cupy as cp
+    if not (is_gpu(q) and q.ndim == 3 and is_gpu(k) and k.ndim == 2):
+        raise ValueError(f"{who}: expected CuPy q [T, Hi, Di] and k [N, Di], got q {_what(q)}, k {_what(k)}")
+    T, Hi, Di = q.shape
+    rows = k.shape[0]
+    N = rows if n is None else int(n)
+    if not (T >= 1 and 1 <= N <= rows and N < 2**30):
+        raise ValueError(f"{who}: T = {T}, N = {N} keys of k's {rows} rows: T and N must be >= 1, N <= {rows} "
+                         f"and < 2^30 (the kernel's int32 positions)")
+    fp8 = q_scale is not None
+    if fp8 != (k_scale is not None):
+        raise ValueError(f"{who}: give both q_scale and k_scale (fp8) or neither")
+    fn, block, smem, smem32, qcta, bk, q_bytes, tile_bytes, num_sms = _launch_config(
+        cp.cuda.runtime.getDevice(), Hi, Di, fp8, T * Hi <= 64, path or DEFAULT_PATH)
+    if fp8:
+        if q_scale.shape != (T, Hi) and q_scale.size == T * Hi:
+            q_scale = q_scale.reshape(T, Hi)
+        if k_scale.shape != (rows,) and k_scale.size == rows:
+            k_scale = k_scale.reshape(rows)
+        want(q, "q", _U8, (T, Hi, Di))
+        want(k, "k", _U8, (rows, Di))
+        want(q_scale, "q_scale", _F32, (T, Hi))
+        want(k_scale, "k_scale", _F32, (rows,))
+    else:
+        if k.dtype != _U16 and N < rows:
+            k = k[:N]  # float keys are rounded to bf16 here: only the rows used
+        q = _bf16_bits(q, "q")
+        k = _bf16_bits(k, "k")
+        want(q, "q", _U16, (T, Hi, Di))
+        want(k, "k", _U16, (k.shape[0], Di))
+        q_scale = k_scale = w  # placeholders: the bf16 kernels never read them
+    want(w, "w", _F32, (T, Hi))
+    want(ends, "ends", _I32, (T,))
+    if starts is not None:
+        want(starts, "starts", _I32, (T,))
+    if q.data.ptr % 16 or k.data.ptr % 16:
+        raise ValueError(f"{who}: q and k must be 16-byte aligned (q at {q.data.ptr:#x}, k at {k.data.ptr:#x})")
+    if check_ranges:  # one device sync
+        max_end = N * end_div
+        worst = int(ends.max() - max_end) if starts is None else int(cp.maximum(ends.max() - max_end, -starts.min()))
+        if worst > 0:
+            raise ValueError(f"{who}: ends must be <= N = {max_end} and starts >= 0 (max end {int(ends.max())}, "
+                             f"min start {0 if starts is None else int(starts.min())})")
+    if out is None:
+        out = cp.empty((T, N), np.float32)
+    else:
+        want(out, "out", _F32, (T, N))
+    grid = _grid(T, N, qcta, bk, q_bytes, tile_bytes, num_sms, splits)
+    fn(grid, block, (q, q_scale, w, k, k_scale, _NULL if starts is None else starts, ends, out, np.int32(T),
+                     np.int32(N), smem32, np.int32(end_div), np.int32(force)), shared_mem=smem)
+    return out
 
 
 def index_scores_gpu(q, w, k, ends, q_scale=None, k_scale=None, starts=None, *, out=None, path=None,
@@ -173,54 +281,22 @@ def index_scores_gpu(q, w, k, ends, q_scale=None, k_scale=None, starts=None, *, 
     bfloat16, or float (rounded to bf16 here). check_ranges costs one device sync (starts >= 0, ends <= N);
     the kernel clamps the ranges anyway. path: "wgmma" / "mma" / None (DEFAULT_PATH).
     """
-    import cupy as cp
-    fp8 = q_scale is not None
-    check(fp8 == (k_scale is not None), "index_scores: give both q_scale and k_scale (fp8) or neither")
-    check(is_gpu(q) and q.ndim == 3, f"q: expected a CuPy array [T, Hi, Di], got {type(q).__name__} {getattr(q, 'shape', '')}")
-    T, Hi, Di = q.shape
-    check(k.ndim == 2, f"k: shape {k.shape}, expected [N, {Di}]")
-    N = k.shape[0]
-    check(T >= 1 and N >= 1, f"index_scores: T = {T}, N = {N}, both must be >= 1")
-    check(N < 2**30, f"index_scores: N = {N} keys, the kernel's int32 positions allow < 2^30")
-    _check_dims(Hi, Di)
-    if fp8:
-        check_array(q, "q", np.uint8, shape=(T, Hi, Di))
-        check_array(k, "k", np.uint8, shape=(N, Di))
-        if q_scale.size == T * Hi:
-            q_scale = q_scale.reshape(T, Hi)
-        if k_scale.size == N:
-            k_scale = k_scale.reshape(N)
-        check_array(q_scale, "q_scale", np.float32, shape=(T, Hi))
-        check_array(k_scale, "k_scale", np.float32, shape=(N,))
-    else:
-        q = _bf16_bits(q, "q")
-        k = _bf16_bits(k, "k")
-        check_array(q, "q", np.uint16, shape=(T, Hi, Di))
-        check_array(k, "k", np.uint16, shape=(N, Di))
-        q_scale = k_scale = w  # placeholders: the bf16 kernels never read them
-    check_array(w, "w", np.float32, shape=(T, Hi))
-    check_array(ends, "ends", np.int32, shape=(T,))
-    if starts is None:
-        starts = cp.zeros(T, np.int32)
-    check_array(starts, "starts", np.int32, shape=(T,))
-    check(q.data.ptr % 16 == 0 and k.data.ptr % 16 == 0, "index_scores: q and k must be 16-byte aligned")
-    if check_ranges:
-        worst = int(cp.maximum(ends.max() - N, -starts.min()))
-        check(worst <= 0, f"index_scores: ends must be <= N = {N} and starts >= 0 "
-                          f"(max end {int(ends.max())}, min start {int(starts.min())})")
-    if out is None:
-        out = cp.empty((T, N), np.float32)
-    check_array(out, "out", np.float32, shape=(T, N))
+    return _scores_gpu("index_scores", q, w, k, None, ends, q_scale, k_scale, starts, out, path, splits,
+                       check_ranges, 1, False)
 
-    path = path or DEFAULT_PATH
-    check(path in ("auto", "wgmma", "mma"), f"index_scores: path {path!r}, expected auto, wgmma or mma")
-    _, has_wgmma = _module(Hi, Di)
-    check(path != "wgmma" or has_wgmma, "index_scores: the wgmma kernels need an sm_90 GPU (sm_90a build)")
-    wgmma = has_wgmma and path != "mma"
-    name, grid, block, smem = plan(T, N, Hi, Di, fp8, wgmma, _num_sms(), splits)
-    _function(Hi, Di, name, smem)(grid, block, (q, q_scale, w, k, k_scale, starts, ends, out,
-                                                np.int32(T), np.int32(N), np.int32(smem)), shared_mem=smem)
-    return out
+
+def hisa_block_scores_gpu(q, w, k, ends, B, q_scale=None, k_scale=None, *, n=None, out=None, path=None,
+                          splits=None, check_ranges=True):
+    """HISA's block scores in one launch of indexer.cu: J fp32 [T, n] over the first n rows (default all) of the
+    pooled keys k [>= n, Di] (k_scale fp32 [>= n], the pooled cache as allocated: no slicing needed), row t's
+    blocks [0, ceil(ends[t] / B)) scored, block 0 and block (ends[t] - 1) // B forced to +inf, the rest -inf.
+    ends int32 [T] in positions. check_ranges: one device sync (ends <= n * B); the kernel clamps anyway.
+    """
+    B = int(B)
+    if B < 1:
+        raise ValueError(f"hisa_block_scores: block size {B}")
+    return _scores_gpu("hisa_block_scores", q, w, k, n, ends, q_scale, k_scale, None, out, path, splits,
+                       check_ranges, B, True)
 
 
 def index_scores(q, w, k, ends, q_scale=None, k_scale=None, starts=None):
@@ -229,3 +305,10 @@ def index_scores(q, w, k, ends, q_scale=None, k_scale=None, starts=None):
         # the kernel clamps every row's range to [0, N), so the model skips the range check's device sync
         return index_scores_gpu(q, w, k, ends, q_scale, k_scale, starts, check_ranges=False)
     return index_scores_reference(q, w, k, ends, q_scale, k_scale, starts)
+
+
+def hisa_block_scores(q, w, k, ends, B, q_scale=None, k_scale=None, n=None):
+    """J [T, n] fp32 (HISA's block stage before top-m): the GPU kernel for CuPy inputs, the reference otherwise."""
+    if is_gpu(q):
+        return hisa_block_scores_gpu(q, w, k, ends, B, q_scale, k_scale, n=n, check_ranges=False)
+    return hisa_block_scores_reference(q, w, k, ends, B, q_scale, k_scale, n)

@@ -16,6 +16,11 @@
 // vec      1 when every row start is 16-byte aligned (N % 4 == 0 and scores 16-byte aligned): float4 loads
 // cap      candidate-buffer capacity (elements), a multiple of 4 (0 allowed: forces the exact path)
 // G        CTAs per row (1: row mode); slice_groups: groups of 4 columns per CTA, G * slice_groups * 4 >= N
+// blocks   int   [R, N / B]  optional (null: out holds columns). HISA's token top-k: column s of row r is the
+//                            candidate slot of cache position blocks[r, s / B] * B + s % B, and out gets that
+//                            position instead of s: -1 where the block is -1 or, given ends, the position is
+//                            >= ends[r] (kernels/hisa_tokens.py:slots_to_positions_reference). B divides N.
+// ends     int   [R]         optional, with blocks
 //
 // Launch: grid (R * G), block (THREADS = 512), dynamic shared memory 16704 + max(8 cap, 32768) bytes, over
 // 48 KB, so `max_dynamic_shared_size_bytes` must be raised on the kernel beforehand (the launcher does, and
@@ -71,15 +76,19 @@
 // Ordered compaction: each thread holds a group of 4 consecutive elements; groups are laid out in
 // thread order, so an exclusive block scan of per-thread counts gives each element's output slot.
 //
-// Short rows: topk_short(scores, lengths, out, N, k), same contract and arguments as topk_rows without the
-// split-mode ones. For rows of up to a few thousand columns (HISA's top-m over 1024 block scores, its
+// Short rows: topk_short(scores, lengths, out, N, k, blocks, ends, B), same contract and arguments as topk_rows
+// without the split-mode ones. For rows of up to a few thousand columns (HISA's top-m over 1024 block scores, its
 // top-k over 8192 candidates) the fast path's sample, candidate buffer and sort cost more than the row:
 // one CTA per row copies the row's keys into shared memory (one read, 0 past L), counts the valid ones,
 // finds thr and need by radix_select over the keys (11 bits a round, three rounds) and writes the chosen
 // columns in column order by the exact path's ordered compaction (select_group), so nothing is sorted.
 // Launch: grid (R), block (THREADS), dynamic shared memory 8512 + 16 ceil(N / 4) bytes (hist, wbuf, misc,
-// keys; 41280 at the launcher's limit N = 8192: under 48 KB, no opt-in). ptxas (sm_90): 29 registers (launch
+// keys; 41280 at the launcher's limit N = 8192: under 48 KB, no opt-in). ptxas (sm_90): 31 registers (launch
 // bounds for four CTAs an SM), no spills.
+//
+// Slot map (both kernels, blocks non-null): once a CTA has written its row of out, it rewrites each chosen
+// column as its position (map_slots below), saving HISA a launch; with ascending block ids (top-m's output)
+// the positions stay ascending.
 
 #define THREADS 512
 #define NWARPS (THREADS / 32)
@@ -673,10 +682,26 @@ __device__ void choose_candidates(const unsigned* ckey, const int* cidx, int C, 
     }
 }
 
+// The slot map (see the top of the file) over o = out's row r, in place. Block-uniform; the barrier makes
+// every thread's writes to o visible before any is read back.
+__device__ __forceinline__ void map_slots(int* __restrict__ o, int k, int r, int N, const int* __restrict__ blocks,
+                                          const int* __restrict__ ends, int B) {
+    if (blocks == nullptr) return;
+    __syncthreads();
+    const int* blk = blocks + (long long)r * (N / B);
+    const int end = ends ? ends[r] : 0x7fffffff;
+    for (int i = threadIdx.x; i < k; i += THREADS) {
+        const int s = o[i];
+        if (s < 0) continue;  // padding stays -1
+        const int b = blk[s / B], p = b * B + s % B;
+        o[i] = b < 0 || p >= end ? -1 : p;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
 topk_rows(const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ out,
           unsigned* __restrict__ gcand, int* __restrict__ gcount, int N, int k, int vec_flag, int cap, int G,
-          int slice_groups) {
+          int slice_groups, const int* __restrict__ blocks, const int* __restrict__ ends, int B) {
     extern __shared__ int4 smem4[];
     int* hist = reinterpret_cast<int*>(smem4);
     int* sel = hist + NBINS;
@@ -740,6 +765,7 @@ topk_rows(const float* __restrict__ scores, const int* __restrict__ lengths, int
     //    scores reach T0 while T0 excluded some valid ones: then the exact path.
     if (C > cap || (C < k && T0 != ALL_VALID)) {
         exact_row(x, L, vec, k, o, hist, sel, wbuf, misc, ckey, cidx, cap, par);
+        map_slots(o, k, row, N, blocks, ends, B);
         return;
     }
     int nsel;
@@ -755,13 +781,14 @@ topk_rows(const float* __restrict__ scores, const int* __restrict__ lengths, int
     for (int i = nsel + tid; i < SN; i += THREADS) sel[i] = 0x7fffffff;
     bitonic_sort(sel, SN);
     for (int i = tid; i < k; i += THREADS) o[i] = i < nsel ? sel[i] : -1;
+    map_slots(o, k, row, N, blocks, ends, B);
 }
 
 // Short rows (see the top of the file): the whole row's keys sit in shared memory, so no sample, no
 // candidate buffer and no sort. The dynamic shared memory holds hist, wbuf, misc, then keys[4 ceil(L / 4)].
 extern "C" __global__ void __launch_bounds__(THREADS, 4)
 topk_short(const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ out, int N,
-           int k) {
+           int k, const int* __restrict__ blocks, const int* __restrict__ ends, int B) {
     extern __shared__ int4 smem4[];
     int* hist = reinterpret_cast<int*>(smem4);
     int* wbuf = hist + NBINS;
@@ -806,4 +833,5 @@ topk_short(const float* __restrict__ scores, const int* __restrict__ lengths, in
         select_group(key, idx, thr, need, o, k, run_gt, run_eq, wbuf, par);
     }
     for (int i = imin(valid, k) + tid; i < k; i += THREADS) o[i] = -1;
+    map_slots(o, k, blockIdx.x, N, blocks, ends, B);
 }

@@ -7,12 +7,18 @@ scores (valid: not -inf, not NaN; +inf counts and is largest), in ascending colu
 when a row has fewer than k valid entries. Equal scores at the threshold go to the lower column (SPEC
 section 5). lengths (int [R], optional): row r considers only columns [0, lengths[r]) (clamped to [0, N]),
 as if the rest were -inf; the kernel does not read them (causal prefill: row t sees ends[t] keys).
+
+HISA's token top-k maps its result in the same launch: topk(cand, k, blocks=blocks, B=B, ends=ends), where
+column s of row t is the candidate slot of position blocks[t, s // B] * B + s % B, returns those positions
+(-1 where the block is -1 or, given ends, the position is >= ends[t]): kernels/hisa_tokens.py's
+slots_to_positions_reference applied to the top-k, with no second launch.
 """
 import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel
+from kernels._cuda import check, check_array, is_gpu, kernel, want
+from kernels.hisa_tokens import slots_to_positions_reference
 
 THREADS = 512           # per CTA, two CTAs per SM (topk.cu)
 KMAX = 2048             # largest k: the size of the kernel's shared `sel` array
@@ -26,7 +32,9 @@ MIN_SLICE_GROUPS = 2048  # split mode: a CTA streams at least 8192 columns
 # the unfused token top-k (m*B = 8192 candidates), where topk_rows' sample, candidate buffer (115 KB, two
 # CTAs an SM) and final sort cost more than the row itself.
 SHORT_N = 8192
-_NULL = np.uint64(0)     # a null pointer argument (lengths, split-mode buffers absent)
+_NULL = np.uint64(0)     # a null pointer argument (lengths, split-mode buffers, slot map absent)
+_I32 = np.dtype(np.int32)
+_F32 = np.dtype(np.float32)
 _ATTR_SM_COUNT = 16      # cudaDevAttrMultiProcessorCount
 _ATTR_SMEM_PER_SM = 81   # cudaDevAttrMaxSharedMemoryPerMultiprocessor
 _ATTR_SMEM_OPTIN = 97    # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -112,59 +120,92 @@ def _split_scratch(R, cap):
     return gcount, gcand
 
 
-def topk_gpu(scores, k, lengths=None, *, path="auto", cand_cap=None, slices=None):
+def _check_map(N, blocks, B, ends):
+    """The slot map's arguments (see the module docstring): B >= 1 divides N, blocks [R, N / B]; returns B."""
+    if blocks is None:
+        if B is not None or ends is not None:
+            raise ValueError("topk: B and ends come with blocks (the slot -> position map)")
+        return 1
+    B = int(B) if B is not None else 0
+    if B < 1 or N % B or getattr(blocks, "ndim", 0) != 2 or blocks.shape[1] != N // B:
+        raise ValueError(f"topk: rows of {N} slots need B >= 1 dividing N and blocks [R, N / B]; got B = {B}, "
+                         f"blocks of shape {getattr(blocks, 'shape', None)}")
+    return B
+
+
+def topk_gpu(scores, k, lengths=None, *, blocks=None, B=None, ends=None, path="auto", cand_cap=None, slices=None):
     """Launcher for topk.cu. scores: CuPy fp32 [R, N] contiguous, 1 <= k <= 2048; lengths: int [R] (CuPy or
-    numpy), entries clamped to [0, N].
+    numpy), entries clamped to [0, N]. blocks int32 [R, N / B], B, ends int32 [R] (optional, CuPy): write the
+    slots' positions instead (the module docstring), for either kernel.
 
     path: "auto" takes topk_short for rows of N <= SHORT_N columns and topk_rows otherwise; "short" and
     "rows" force one (benchmarks, tests). topk_rows splits rows over several CTAs when they are few
     (decode); cand_cap and slices (tests only, topk_rows only) shrink its shared candidate buffer to force
-    the exact path, and set the CTAs per row.
+    the exact path, and set the CTAs per row. Error messages are only formatted once a check has failed.
     """
     import cupy as cp
-    check_array(scores, "scores", np.float32, ndim=2)
+    if not (is_gpu(scores) and scores.dtype == _F32 and scores.ndim == 2 and scores.flags.c_contiguous):
+        check_array(scores, "scores", np.float32, ndim=2)
     R, N = scores.shape
-    check(1 <= k <= KMAX, f"topk: k = {k}, the kernel supports 1..{KMAX}")
-    check(N <= 2**30, f"topk: rows of {N} scores, the kernel indexes up to 2^30")
-    check(path in ("auto", "short", "rows"), f"topk: path {path!r}, expected auto, short or rows")
+    if not 1 <= k <= KMAX:
+        raise ValueError(f"topk: k = {k}, the kernel supports 1..{KMAX}")
+    if N > 2**30:
+        raise ValueError(f"topk: rows of {N} scores, the kernel indexes up to 2^30")
+    if path not in ("auto", "short", "rows"):
+        raise ValueError(f"topk: path {path!r}, expected auto, short or rows")
     rows_only = cand_cap is not None or slices is not None
     short = path == "short" or (path == "auto" and N <= SHORT_N and not rows_only)
-    check(not short or (N <= SHORT_N and not rows_only),
-          f"topk: the short-row kernel takes rows of up to {SHORT_N} columns (here {N}) and no cand_cap/slices")
+    if short and (N > SHORT_N or rows_only):
+        raise ValueError(f"topk: the short-row kernel takes rows of up to {SHORT_N} columns (here {N}) and no "
+                         f"cand_cap/slices")
     if lengths is not None:
-        lengths = lengths if is_gpu(lengths) else cp.asarray(np.asarray(lengths))
-        check(lengths.dtype.kind in "iu", f"topk: lengths of dtype {lengths.dtype}, expected integers")
-        check(lengths.shape == (R,), f"topk: lengths of shape {lengths.shape}, expected ({R},)")
-        lengths = cp.ascontiguousarray(lengths, np.int32)
+        if not is_gpu(lengths):
+            lengths = cp.asarray(np.asarray(lengths))
+        if lengths.dtype.kind not in "iu" or lengths.shape != (R,):
+            raise ValueError(f"topk: lengths of dtype {lengths.dtype} and shape {lengths.shape}, expected integers "
+                             f"({R},)")
+        if lengths.dtype != _I32 or not lengths.flags.c_contiguous:
+            lengths = cp.ascontiguousarray(lengths, np.int32)
+    B = _check_map(N, blocks, B, ends)
+    if blocks is not None:
+        want(blocks, "blocks", _I32, (R, N // B))
+        if ends is not None:
+            want(ends, "ends", _I32, (R,))
     out = cp.empty((R, k), np.int32)
     if R == 0:
         return out
     if N == 0:
         out.fill(-1)
         return out
+    tail = (_NULL if blocks is None else blocks, _NULL if ends is None else ends, np.int32(B))
+    L = _NULL if lengths is None else lengths
     if short:
-        _short_kernel(cp.cuda.Device().id)((R,), (THREADS,), (scores, _NULL if lengths is None else lengths, out,
-                                                              np.int32(N), np.int32(k)),
-                                           shared_mem=short_smem_bytes(N))
+        fn = _short_kernel(cp.cuda.runtime.getDevice())
+        fn((R,), (THREADS,), (scores, L, out, np.int32(N), np.int32(k)) + tail, shared_mem=short_smem_bytes(N))
         return out
-    fn, cap, n_sm = _launch_config(cp.cuda.Device().id)
+    fn, cap, n_sm = _launch_config(cp.cuda.runtime.getDevice())
     if cand_cap is not None:
         check(0 <= cand_cap <= cap and cand_cap % 4 == 0,
               f"topk: cand_cap {cand_cap} must be a multiple of 4 in [0, {cap}]")
         cap = cand_cap
     G = slices_per_row(R, N, n_sm) if slices is None else slices
-    check(G >= 1 and R * G < 2**31, f"topk: {G} CTAs per row for {R} rows")
+    if not (G >= 1 and R * G < 2**31):
+        raise ValueError(f"topk: {G} CTAs per row for {R} rows")
     groups = -(-N // 4)
     slice_groups = -(-groups // G)
     gcount, gcand = _split_scratch(R, cap) if G > 1 else (_NULL, _NULL)
     vec = N % 4 == 0 and scores.data.ptr % 16 == 0
-    fn((R * G,), (THREADS,), (scores, _NULL if lengths is None else lengths, out, gcand, gcount, np.int32(N),
-                              np.int32(k), np.int32(vec), np.int32(cap), np.int32(G), np.int32(slice_groups)),
+    fn((R * G,), (THREADS,), (scores, L, out, gcand, gcount, np.int32(N), np.int32(k), np.int32(vec), np.int32(cap),
+                              np.int32(G), np.int32(slice_groups)) + tail,
        shared_mem=smem_bytes(cap))
     return out
 
 
-def topk(scores, k, lengths=None):
+def topk(scores, k, lengths=None, *, blocks=None, B=None, ends=None):
+    """Top-k columns [R, k] of each row (the module docstring); with blocks, B (and ends), their positions."""
     if is_gpu(scores):
-        return topk_gpu(scores, k, lengths)
-    return topk_reference(scores, k, lengths)
+        return topk_gpu(scores, k, lengths, blocks=blocks, B=B, ends=ends)
+    B = _check_map(np.shape(scores)[1], blocks, B, ends)
+    out = topk_reference(scores, k, lengths)
+    return out if blocks is None else slots_to_positions_reference(out, np.asarray(blocks), B,
+                                                                   None if ends is None else np.asarray(ends))

@@ -8,7 +8,8 @@ import pytest
 
 from kernels._cuda import HAVE_GPU, write_source
 from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
-from kernels.indexer import HEAD_DIMS, HEADS, index_scores_reference, plan
+from kernels.indexer import HEAD_DIMS, HEADS, hisa_block_scores, hisa_block_scores_reference, index_scores_reference, \
+    plan
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: indexer kernel parity runs on the GPU machine")
 
@@ -124,6 +125,47 @@ def test_reference_batches_do_not_change_results():
     for t in (0, 4, 8):
         one = index_scores_reference(q[t:t + 1], w[t:t + 1], k, ends[t:t + 1], qs[t:t + 1], ks, starts[t:t + 1])
         assert np.array_equal(one[0], full[t])
+
+
+def naive_block_scores(q, w, k, ends, B, qs=None, ks=None):
+    """HISA's J[t, b] one entry at a time: the DSA formula on block keys b < ceil(ends[t] / B), -inf beyond, then
+    block 0 and block (ends[t] - 1) // B (when ends[t] >= 1 and it exists) +inf, whatever the row sees."""
+    T, nb = q.shape[0], k.shape[0]
+    block_ends = np.array([min(-(-int(e) // B), nb) for e in ends])
+    J = naive(q, w, k, np.zeros(T, int), block_ends, qs, ks)
+    for t in range(T):
+        J[t, 0] = np.inf
+        if ends[t] >= 1 and (ends[t] - 1) // B < nb:
+            J[t, (ends[t] - 1) // B] = np.inf
+    return J
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_block_scores_reference_matches_naive_loop(fp8):
+    """Ends inside, at the end of and past the last of 6 blocks of B = 5; a query that sees nothing (ends 0)
+    still gets block 0 forced, as force_blocks does."""
+    rng = np.random.default_rng(5)
+    T, nb, Hi, Di, B = 8, 6, 4, 8, 5
+    q, w, k, qs, ks = random_inputs(rng, T, nb, Hi, Di, fp8)
+    ends = np.array([1, 5, 6, 12, 30, 0, 29, 11], np.int32)
+    got = hisa_block_scores(q, w, k, ends, B, qs, ks)  # the dispatcher: the reference for numpy arrays
+    qv, kv = (e4m3_decode(q), e4m3_decode(k)) if fp8 else (q, k)
+    want = naive_block_scores(qv.astype(np.float64), w, kv.astype(np.float64), ends, B, qs, ks)
+    assert got.dtype == np.float32 and got.shape == (T, nb)
+    assert np.array_equal(np.isposinf(got), np.isposinf(want)), np.argwhere(np.isposinf(got) != np.isposinf(want))
+    fin = ~np.isposinf(want)
+    assert_scores_close(np.where(fin, got, -np.inf), np.where(fin, want, -np.inf), 1e-6, "block scores vs naive")
+    assert np.isposinf(got[5, 0]) and np.isneginf(got[5, 1:]).all()  # ends 0: only the forced block 0
+
+
+def test_block_scores_reference_first_n_rows():
+    """n blocks of a larger pooled cache (spare capacity, as PooledKeys allocates it) = the cache cut to n."""
+    rng = np.random.default_rng(6)
+    q, w, k, qs, ks = random_inputs(rng, 4, 20, 4, 16, True)
+    ends = np.array([3, 40, 41, 56], np.int32)  # B = 8: 7 blocks
+    a = hisa_block_scores_reference(q, w, k, ends, 8, qs, ks, n=7)
+    b = hisa_block_scores_reference(q, w, k[:7], ends, 8, qs, ks[:7])
+    assert a.shape == (4, 7) and np.array_equal(a, b)
 
 
 # --- CPU: launch plans and the kernel source ------------------------------------------------------
@@ -264,3 +306,91 @@ def test_dispatcher_and_range_check():
     with pytest.raises(ValueError, match="ends must be <= N"):
         index_scores_gpu(cp.asarray(q), cp.asarray(w), cp.asarray(k), cp.asarray(np.array([10, 51, 20], np.int32)),
                          cp.asarray(qs), cp.asarray(ks), check_ranges=True)
+
+
+# --- GPU: HISA's block scores in one launch --------------------------------------------------------
+
+def run_block_case(rng, T, nb, Hi, Di, B, mode, path, ends, capacity=None, splits=None):
+    """hisa_block_scores_gpu on the first nb rows of a pooled cache of `capacity` rows against the reference:
+    +inf exactly where the reference forces, the rest as index_scores (every element written: NaN poison)."""
+    import cupy as cp
+    from kernels.indexer import hisa_block_scores_gpu
+    fp8 = mode == "fp8"
+    capacity = capacity or nb
+    q, w, k, qs, ks = random_inputs(rng, T, capacity, Hi, Di, fp8)
+    if not fp8:
+        q, k = (x.astype(ml_dtypes.bfloat16).view(np.uint16) for x in (q, k))
+    ref = hisa_block_scores_reference(q, w, k, ends, B, qs, ks, n=nb)
+    dev = [cp.asarray(a) for a in (q, w, k, ends)] + [None if qs is None else cp.asarray(a) for a in (qs, ks)]
+    out = cp.full((T, nb), np.nan, np.float32)
+    got = cp.asnumpy(hisa_block_scores_gpu(dev[0], dev[1], dev[2], dev[3], B, dev[4], dev[5], n=nb, out=out,
+                                           path=path, splits=splits))
+    what = f"{mode}/{path} T={T} nb={nb} (of {capacity}) Hi={Hi} Di={Di} B={B} splits={splits}"
+    forced = np.isposinf(ref)
+    bad = np.argwhere(np.isposinf(got) != forced)
+    assert not len(bad), f"{what}: +inf pattern differs at (t, b) {bad[:5].tolist()}"
+    assert_scores_close(np.where(forced, -np.inf, got), np.where(forced, -np.inf, ref), RTOL[mode, path], what)
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_block_scores_kernel_released_dims(mode, path):
+    """Hi = 64, Di = 128, B = 128 at 128K: 256 queries at the end of the context (prefill kernels, the key
+    axis split), one decode query (decode kernels, 4 splits), ends not multiples of B, spare cache rows."""
+    rng = np.random.default_rng(20)
+    L, B = 131072 - 77, 128
+    nb = -(-L // B)
+    run_block_case(rng, 256, nb, 64, 128, B, mode, path, np.arange(L - 255, L + 1).astype(np.int32), capacity=nb + 3)
+    run_block_case(rng, 1, nb, 64, 128, B, mode, path, np.array([L], np.int32), capacity=1024 + 5)
+    run_block_case(rng, 1, 1024, 64, 128, B, mode, path, np.array([131072], np.int32))
+
+
+@gpu
+@pytest.mark.parametrize("path", gpu_paths())
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_block_scores_kernel_ragged_small(mode, path):
+    """Ragged shapes with B = 1 (plain scores plus forcing), odd B, one query, ends 0 and 1, ends at a block's
+    end, and forced key splits (each CTA writes only its slice: the forced columns must land in the right one)."""
+    rng = np.random.default_rng(21)
+    for T, nb, B, splits in [(1, 1, 128, None), (1, 3, 7, 3), (5, 9, 16, None), (37, 300, 5, 3), (2, 257, 3, 4),
+                             (17, 129, 1, None), (64, 200, 128, 2)]:
+        ends = rng.integers(0, nb * B + 1, T).astype(np.int32)
+        ends[0] = nb * B
+        if T > 2:
+            ends[1], ends[2] = 0, 1
+        if T > 4:
+            ends[3], ends[4] = B, B + 1  # the last position of block 0, the first of block 1
+        run_block_case(rng, T, nb, 4, 64, B, mode, path, ends, capacity=nb + T % 3, splits=splits)
+
+
+@gpu
+def test_block_scores_dispatcher_and_hisa():
+    """hisa.block_scores (one launch on the GPU) against its CPU path, and the launcher's argument checks."""
+    import cupy as cp
+    import hisa
+    from kernels.indexer import hisa_block_scores_gpu
+    rng = np.random.default_rng(22)
+    L, B, T = 1000, 16, 9
+    q, w, k, qs, ks = random_inputs(rng, T, L, 8, 64, True)
+    ends = np.linspace(1, L, T).astype(np.int32)
+    got = {}
+    for xp in (np, cp):
+        cache = {"k": xp.asarray(k), "k_scale": xp.asarray(ks)}
+        pooled = hisa.PooledKeys(cache, B)
+        pooled.update(0, L)
+        J = hisa.block_scores(xp.asarray(q), xp.asarray(qs), xp.asarray(w), pooled, xp.asarray(ends))
+        got[xp.__name__] = J.get() if xp is cp else J
+    a, b = got["numpy"], got["cupy"]
+    assert np.array_equal(np.isinf(a), np.isinf(b)) and np.array_equal(a[np.isinf(a)], b[np.isinf(b)])
+    fin = np.isfinite(a)
+    assert np.abs(a[fin] - b[fin]).max() <= 2e-3 * np.abs(a[fin]).max()
+    args = [cp.asarray(x) for x in (q, w, k[:70], ends, qs, ks[:70])]
+    with pytest.raises(ValueError, match="ends must be <= N"):
+        hisa_block_scores_gpu(*args[:4], B, *args[4:], n=60)  # ends reach 1000 > 60 blocks of 16
+    with pytest.raises(ValueError, match="N = 71"):
+        hisa_block_scores_gpu(*args[:4], B, *args[4:], n=71, check_ranges=False)  # more blocks than rows
+    with pytest.raises(ValueError, match="block size"):
+        hisa_block_scores_gpu(*args[:4], 0, *args[4:])
+    with pytest.raises(ValueError, match="ends: dtype int64"):
+        hisa_block_scores_gpu(*args[:3], args[3].astype(np.int64), B, *args[4:])

@@ -66,6 +66,28 @@ def test_dispatch_numpy():
     np.testing.assert_array_equal(topk(x, 10, [0, 7, 100]), topk_reference(x, 10, [0, 7, 100]))
 
 
+def test_reference_slot_map():
+    """topk(..., blocks, B, ends) = slots_to_positions_reference of the top-k: position blocks[slot // B] * B +
+    slot % B, -1 for padding, a -1 block, or a position >= ends (reachable only by a finite score there)."""
+    x = np.float32([[1, 9, 3, 8, 7, 2, 6, 5],
+                    [4, -inf, 9, 8, 1, 2, -inf, -inf]])
+    blocks = np.int32([[3, 5, 6, 9], [0, 2, -1, -1]])  # B = 2
+    got = topk(x, 4, blocks=blocks, B=2)
+    assert got.tolist() == [[7, 11, 12, 18], [0, 4, 5, -1]]  # slots [1, 3, 4, 6] and [0, 2, 3, 5] (block -1)
+    assert topk(x, 4, blocks=blocks, B=2, ends=np.int32([12, 5])).tolist() == [[7, 11, -1, -1], [0, 4, -1, -1]]
+    assert topk(x, 2, [3, 8], blocks=blocks, B=2).tolist() == [[7, 10], [4, 5]]  # lengths apply to the slots
+
+
+def test_slot_map_arguments():
+    x = np.zeros((2, 12), np.float32)
+    with pytest.raises(ValueError, match="dividing N"):
+        topk(x, 4, blocks=np.zeros((2, 2), np.int32), B=5)
+    with pytest.raises(ValueError, match="dividing N"):
+        topk(x, 4, blocks=np.zeros((2, 3), np.int32), B=3)  # 12 slots are 4 blocks of 3
+    with pytest.raises(ValueError, match="come with blocks"):
+        topk(x, 4, B=3)
+
+
 def test_launch_policy():
     """Few rows are split over CTAs to fill the GPU (two CTAs an SM), many rows take one CTA each; the
     candidate buffer lets two CTAs share an SM (H100/H200 numbers)."""
@@ -326,3 +348,76 @@ def test_kernel_empty_shapes():
     from kernels.topk import topk_gpu
     assert topk_gpu(cp.zeros((0, 10), np.float32), 5).shape == (0, 5)
     assert cp.asnumpy(topk_gpu(cp.zeros((2, 0), np.float32), 3)).tolist() == [[-1] * 3] * 2
+
+
+# --- The slot map (HISA's token top-k writes positions) ----------------------------------------------
+
+def hisa_candidates(rng, R, m, B, nb, kind="relu", n_pad=3, finite=False):
+    """Rows of m*B candidate scores as the token stage writes them: kept blocks ascending (the last n_pad of a
+    row -1, fewer than m kept when nb < m), -inf on padding blocks and at positions >= ends; finite: no -inf
+    there either (never from the token stage: such slots must come out as -1, and past ends only with ends)."""
+    blocks = np.full((R, m), -1, np.int32)
+    for r in range(R):
+        keep = min(m - n_pad, nb)
+        blocks[r, :keep] = np.sort(rng.choice(nb, keep, replace=False))
+    ends = rng.integers(1, nb * B + 1, R).astype(np.int32)
+    ends[0] = nb * B
+    x = rows(rng, kind, R, m * B)
+    s = np.arange(m * B)
+    blk = blocks[:, s // B]
+    pad = blk < 0
+    if not finite:
+        x[pad | (blk.astype(np.int64) * B + s % B >= ends[:, None])] = -inf
+    return x, blocks, ends
+
+
+@gpu
+@pytest.mark.parametrize("path", list(PATHS) + ["short"])
+@pytest.mark.parametrize("R,m,B,k", [(1024, 64, 128, 2048), (1, 64, 128, 2048), (3, 5, 7, 16), (2, 3, 16, 2048),
+                                     (5, 64, 128, 64), (4, 9, 100, 300)])
+def test_kernel_slot_map(R, m, B, k, path):
+    """topk_gpu(..., blocks, B, ends) against the reference (topk, then slots_to_positions_reference), exactly:
+    the released token top-k (m*B = 8192 slots, k = 2048, one query or 1024), ragged B, rows with fewer valid
+    candidates than k and fewer blocks than m, with and without ends, on every kernel path."""
+    import cupy as cp
+    from kernels.hisa_tokens import slots_to_positions_reference
+    from kernels.topk import topk_gpu
+    if path == "short" and m * B > SHORT_N:
+        pytest.skip("wider than the short-row kernel")
+    kw = dict(path="short") if path == "short" else PATHS[path]
+    rng = np.random.default_rng(R * m + B + k)
+    cases = [(3 * m, "relu", False), (max(1, m // 2), "five_values", False), (2 * m, "normal", True)]
+    for nb, kind, finite in cases:
+        x, blocks, ends = hisa_candidates(rng, R, m, B, nb, kind, n_pad=min(3, m - 1), finite=finite)
+        slots = topk_reference(x, k)
+        for e in (None, ends):
+            want = slots_to_positions_reference(slots, blocks, B, e)
+            got = cp.asnumpy(topk_gpu(cp.asarray(x), k, blocks=cp.asarray(blocks), B=B,
+                                      ends=None if e is None else cp.asarray(e), **kw))
+            assert_same(got, want, f"slot map R={R} m={m} B={B} k={k} nb={nb} {kind} ends={e is not None}")
+
+
+@gpu
+def test_slot_map_in_hisa_select():
+    """hisa.select on the GPU ends in the fused top-K: exactly the reference top-K and slot map applied to the
+    GPU's own block ids and candidate scores (so fp8 rounding cannot flip a near-tie between the two)."""
+    import cupy as cp
+    import hisa
+    from kernels.fp8 import e4m3_encode, quantize_ue8m0
+    from kernels.hisa_tokens import hisa_token_scores, slots_to_positions_reference
+    rng = np.random.default_rng(30)
+    L, T, Hi, Di, B, m, K = 3000, 6, 8, 64, 16, 8, 64
+    k8, ks = quantize_ue8m0(rng.standard_normal((L, Di)).astype(np.float32))
+    q8, qs = quantize_ue8m0(rng.standard_normal((T, Hi, Di)).astype(np.float32))
+    q, qs = cp.asarray(e4m3_encode(q8)), cp.asarray(qs[..., 0])
+    w = cp.asarray((rng.standard_normal((T, Hi)) * 0.1).astype(np.float32))
+    ends = cp.asarray(np.int32([1, 17, 128, 129, 2000, 3000]))
+    cache = {"k": cp.asarray(e4m3_encode(k8)), "k_scale": cp.asarray(ks[:, 0])}
+    pooled = hisa.PooledKeys(cache, B)
+    pooled.update(0, L)
+    got = hisa.select(q, qs, w, cache, pooled, ends, K, m).get()
+    blocks = topk(hisa.block_scores(q, qs, w, pooled, ends), m)
+    cand = hisa_token_scores(q, w, cache["k"], blocks, B, ends, q_scale=qs, key_scale=cache["k_scale"])
+    want = slots_to_positions_reference(topk_reference(cand.get(), K), blocks.get(), B, ends.get())
+    assert_same(got, want, "hisa.select")
+    assert ((got >= 0).sum(axis=1) == np.minimum(K, ends.get())).all()
