@@ -70,16 +70,16 @@
 //    keep different blocks, so the query-major kernels gather each query's 8192 keys for that query's 64
 //    heads alone. Here a CTA takes one kept block (128 keys, loaded once) and the queries that kept it, two at
 //    a time: D[128 keys x 128 columns] = keys . [q of query 2u; q of query 2u+1]^T (m64n128 a warpgroup), so
-//    every gathered byte (the two queries' q rows) feeds 128 keys. Its inputs come from the three kernels
-//    below: items and pairs (the bucketing) and each query's q image and head weights (hisa_prepare_q), which
+//    every gathered byte (the two queries' q rows) feeds 128 keys. Its inputs come from the two kernels
+//    below: items and pairs (the bucketing) and each query's q image and head weights (prepare_chunk), which
 //    thread 0 fetches with one bulk copy (TMA, no tensor map) each into an HT_BSTAGES ring of mbarrier-
 //    guarded stages. No CTA-wide barrier a unit: warps wait on a stage's full barrier and arrive on its
 //    empty barrier; thread 0 refills a stage once all 8 warps are done with it. The epilogue sums heads
 //    exactly as kernel 1 does (same heads on the same lanes, same products), so the two give the same bits.
 //    Launch: grid = an upper bound on the items (CTAs past n_items[0] return), 256 threads, dynamic shared
 //    memory hisa_tokens.py blocks_smem. Items of the dead bucket only write -inf.
-// 6. hisa_bucket_count, hisa_bucket_scatter: the (query, block) pairs bucketed by block (see there).
-// 7. hisa_prepare_q: q rows as wgmma-ready images for the bulk copies of kernel 5 (see there).
+// 6. hisa_bucket_count, hisa_bucket_scatter: the (query, block) pairs bucketed by block, and (the scatter's
+//    second job) q rows as wgmma-ready images for the bulk copies of kernel 5 (see there).
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, swizzle and wgmma helpers
 // come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
@@ -816,27 +816,15 @@ hisa_bucket_count(const int* __restrict__ blocks, const int* __restrict__ ends, 
     for (int k = tid; k <= nbk + 1; k += BK_THREADS) cnt[k] = 0;
 }
 
-extern "C" __global__ void __launch_bounds__(BK_THREADS)
-hisa_bucket_scatter(const int* __restrict__ blocks, const int* __restrict__ ends, int T, int m, int B, int nbk,
-                    int cap, int* __restrict__ fill, int* __restrict__ pairs) {
-    int key[BK_PAIRS];
-    bucket_keys(key, blocks, ends, T * m, m, B, nbk, cap);
-#pragma unroll
-    for (int i = 0; i < BK_PAIRS; ++i)
-        if (key[i] >= 0) pairs[atomicAdd(&fill[key[i]], 1)] = (blockIdx.x * BK_PAIRS + i) * BK_THREADS + threadIdx.x;
-}
-
 // The block-major kernel's q operand, laid out so that one bulk copy lands it in shared memory ready for
 // wgmma: q_sw[t] = the 64 x ROWB image of query t's q rows in tile_off<ROWB, 64> order (the 128/64-byte
 // swizzle; rows >= Hi zero), and wq[t, h] = w[t, h] * qscale[t, h] (fp8; w alone for bf16), 0 for h >= Hi:
-// the same products wgmma_body forms. One thread a 16-byte chunk: grid covers T * 64 * ROWB / 16 threads.
-extern "C" __global__ void hisa_prepare_q(const u8* __restrict__ q, const float* __restrict__ qscale,
-                                          const float* __restrict__ w, int T, int Hi, u8* __restrict__ q_sw,
-                                          float* __restrict__ wq) {
+// the same products wgmma_body forms. Chunk i (< T * 64 * ROWB / 16) is 16 bytes of one image.
+__device__ __forceinline__ void prepare_chunk(long long i, const u8* __restrict__ q, const float* __restrict__ qscale,
+                                              const float* __restrict__ w, int Hi, u8* __restrict__ q_sw,
+                                              float* __restrict__ wq) {
 #if HT_WGMMA_ROWS
     constexpr int CPR_ = ROWB / 16;
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)T * 64 * CPR_) return;
     const int t = (int)(i / (64 * CPR_)), r = (int)(i / CPR_ % 64), x = (int)(i % CPR_);
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < Hi) v = *reinterpret_cast<const uint4*>(q + ((long long)t * Hi + r) * ROWB + x * 16);
@@ -852,4 +840,23 @@ extern "C" __global__ void hisa_prepare_q(const u8* __restrict__ q, const float*
 #else
     trap();  // only the wgmma row sizes have an image layout
 #endif
+}
+
+// Two independent jobs in one launch (one launch less of host time before the score kernel): CTAs below
+// ceil(T*m / (BK_PAIRS * BK_THREADS)) scatter their pairs; with `prepare`, thread i of the grid also lays out
+// q chunk i (prepare_chunk). Grid: enough CTAs for both.
+extern "C" __global__ void __launch_bounds__(BK_THREADS)
+hisa_bucket_scatter(const int* __restrict__ blocks, const int* __restrict__ ends, int T, int m, int B, int nbk,
+                    int cap, int* __restrict__ fill, int* __restrict__ pairs, const u8* __restrict__ q,
+                    const float* __restrict__ qscale, const float* __restrict__ w, int Hi, u8* __restrict__ q_sw,
+                    float* __restrict__ wq, int prepare) {
+    if ((long long)blockIdx.x * BK_PAIRS * BK_THREADS < (long long)T * m) {  // uniform over the CTA
+        int key[BK_PAIRS];
+        bucket_keys(key, blocks, ends, T * m, m, B, nbk, cap);
+#pragma unroll
+        for (int i = 0; i < BK_PAIRS; ++i)
+            if (key[i] >= 0) pairs[atomicAdd(&fill[key[i]], 1)] = (blockIdx.x * BK_PAIRS + i) * BK_THREADS + threadIdx.x;
+    }
+    const long long i = (long long)blockIdx.x * BK_THREADS + threadIdx.x;
+    if (prepare && i < (long long)T * 64 * (ROWB / 16)) prepare_chunk(i, q, qscale, w, Hi, q_sw, wq);
 }

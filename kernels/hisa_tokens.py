@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, module_sm90a, per_device, with_dynamic_smem, xp_of
+from kernels._cuda import check, is_gpu, kernel, module_sm90a, per_device, want, with_dynamic_smem, xp_of
 from kernels.fp8 import E4M3_TABLE
 
 
@@ -130,12 +130,6 @@ BUCKET_THREADS, BUCKET_PAIRS = 1024, 4  # hisa_tokens.cu BK_THREADS, BK_PAIRS
 DEFAULT_PATH = "auto"
 
 _U8, _U16, _I32, _F32 = (np.dtype(d) for d in (np.uint8, np.uint16, np.int32, np.float32))
-
-
-def _want(a, name, dtype, shape):
-    """check_array on the hot path: four cheap tests, the detailed message only on failure."""
-    if not (is_gpu(a) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
-        check_array(a, name, dtype, ndim=len(shape), shape=shape)
 
 
 def _what(a):
@@ -266,8 +260,7 @@ def _launch(device, T, Hi, Di, fp8, m, B, cap, path, splits):
 class BlocksLaunch(NamedTuple):
     """The block-major path's kernels for one call shape (see _blocks_launch)."""
     count: Any      # hisa_bucket_count
-    scatter: Any    # hisa_bucket_scatter
-    prepare: Any    # hisa_prepare_q
+    scatter: Any    # hisa_bucket_scatter (and the q images)
     scores: Any     # hisa_token_scores_blocks
     n_max: int      # items bound: the score kernel's grid
     smem: int       # the score kernel's dynamic shared memory
@@ -296,8 +289,7 @@ def _blocks_launch(device, T, Hi, Di, fp8, m, B, cap, path):
         return None
     smem = blocks_smem(row_bytes, blocks_stages(row_bytes))
     return BlocksLaunch(_function(defs, "hisa_bucket_count", 0), _function(defs, "hisa_bucket_scatter", 0),
-                        _function(defs, "hisa_prepare_q", 0), _function(defs, "hisa_token_scores_blocks", smem),
-                        blocks_items(T, m, nbk), smem, nbk)
+                        _function(defs, "hisa_token_scores_blocks", smem), blocks_items(T, m, nbk), smem, nbk)
 
 
 @per_device
@@ -308,34 +300,39 @@ def _bucket_counters():
     return cp.zeros(MAX_BUCKETS + 2, np.int32)
 
 
-def bucket_pairs(launch, blocks, ends, T, m, B, cap):
+def bucket_pairs(launch, blocks, ends, T, m, B, cap, q=None, qs=None, w=None):
     """hisa_bucket_count + hisa_bucket_scatter -> (items int32 [n_max, 4], pairs int32 [T*m], n_items int32 [1]),
-    all on the device (n_items[0] <= n_max items are valid)."""
+    all on the device (n_items[0] <= n_max items are valid); given q [T, Hi, Di] with qs and w, the scatter
+    launch also lays them out for the score kernel, and (q_sw uint8 [T*64*row bytes], wq fp32 [T*64]) follow."""
     import cupy as cp
     n_max, nbk = launch.n_max, launch.nbk
-    # items (int4, first: 16-byte aligned), pairs, fill, n_items: every element written by the kernels
-    scratch = cp.empty(4 * n_max + T * m + nbk + 2, np.int32)
+    img = 0 if q is None else 64 * q.shape[2] * q.itemsize  # bytes of one query's q image
+    # one allocation: q images, head weights, then int32 items (int4: 16-byte aligned), pairs, fill, n_items;
+    # every element written by the kernels
+    ints = 4 * n_max + T * m + nbk + 2
+    scratch = cp.empty(T * (img + 256) + 4 * ints, np.uint8)
+    q_sw, wq = scratch[:T * img], scratch[T * img:T * (img + 256)].view(np.float32)
+    rest = scratch[T * (img + 256):].view(np.int32)
     o1, o2 = 4 * n_max, 4 * n_max + T * m
-    items, pairs, fill, n_items = scratch[:o1], scratch[o1:o2], scratch[o2:-1], scratch[-1:]
-    cnt = _bucket_counters()
+    items, pairs, fill, n_items = rest[:o1], rest[o1:o2], rest[o2:-1], rest[-1:]
     i32 = np.int32
-    grid = (-(-T * m // (BUCKET_THREADS * BUCKET_PAIRS)),)
+    per_cta = BUCKET_THREADS * BUCKET_PAIRS
     shape = (blocks, ends, i32(T), i32(m), i32(B), i32(nbk), i32(cap))
-    launch.count(grid, (BUCKET_THREADS,), shape + (i32(BLOCK_QCH), cnt, fill, items, n_items))
-    launch.scatter(grid, (BUCKET_THREADS,), shape + (fill, pairs))
-    return items.reshape(n_max, 4), pairs, n_items
+    launch.count((-(-T * m // per_cta),), (BUCKET_THREADS,),
+                 shape + (i32(BLOCK_QCH), _bucket_counters(), fill, items, n_items))
+    chunks = T * img // 16
+    grid = max(-(-T * m // per_cta), -(-chunks // BUCKET_THREADS))
+    q_args = (blocks, blocks, blocks, i32(1)) if q is None else (q, qs, w, i32(q.shape[1]))
+    launch.scatter((grid,), (BUCKET_THREADS,), shape + (fill, pairs) + q_args + (q_sw, wq, i32(q is not None)))
+    out = (items.reshape(n_max, 4), pairs, n_items)
+    return out if q is None else out + (q_sw, wq)
 
 
-def _token_scores_blocks(launch, q, qs, w, keys, ks, blocks, B, ends, out, T, Hi, m, cap):
-    """Bucket the (query, block) pairs by block, lay q out for bulk copies (hisa_prepare_q), then one CTA an
-    item scores a block for its queries."""
-    import cupy as cp
-    items, pairs, n_items = bucket_pairs(launch, blocks, ends, T, m, B, cap)
-    row_bytes = q.shape[2] * q.itemsize
-    q_sw, wq = cp.empty(T * 64 * row_bytes, np.uint8), cp.empty(T * 64, np.float32)
+def _token_scores_blocks(launch, q, qs, w, keys, ks, blocks, B, ends, out, T, m, cap):
+    """Bucket the (query, block) pairs by block and lay q out for bulk copies, then one CTA an item scores a
+    block for its queries."""
+    items, pairs, n_items, q_sw, wq = bucket_pairs(launch, blocks, ends, T, m, B, cap, q, qs, w)
     i32 = np.int32
-    chunks = T * 64 * row_bytes // 16
-    launch.prepare((-(-chunks // 256),), (256,), (q, qs, w, i32(T), i32(Hi), q_sw, wq))
     launch.scores((launch.n_max,), (256,), (q_sw, wq, keys, ks, ends, out, pairs, items, n_items, i32(m), i32(cap),
                                             i32(launch.smem)), shared_mem=launch.smem)
     return out
@@ -359,16 +356,16 @@ def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=N
     T, Hi, Di = q.shape
     m, cap = blocks.shape[1], keys.shape[0]
     elem = _U8 if fp8 else _U16
-    _want(q, "q", elem, (T, Hi, Di))
-    _want(keys, "keys", elem, (cap, Di))
-    _want(w, "w", _F32, (T, Hi))
-    _want(blocks, "blocks", _I32, (T, m))
-    _want(ends, "ends", _I32, (T,))
+    want(q, "q", elem, (T, Hi, Di))
+    want(keys, "keys", elem, (cap, Di))
+    want(w, "w", _F32, (T, Hi))
+    want(blocks, "blocks", _I32, (T, m))
+    want(ends, "ends", _I32, (T,))
     if fp8:
         if q_scale is None or key_scale is None:
             raise ValueError("hisa_token_scores: fp8 q/keys need q_scale and key_scale")
-        _want(q_scale, "q_scale", _F32, (T, Hi))
-        _want(key_scale, "key_scale", _F32, (cap,))
+        want(q_scale, "q_scale", _F32, (T, Hi))
+        want(key_scale, "key_scale", _F32, (cap,))
         qs, ks = q_scale, key_scale
     else:
         if q_scale is not None or key_scale is not None:
@@ -383,13 +380,13 @@ def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=N
     if out is None:
         out = cp.empty((T, m * B), np.float32)
     else:
-        _want(out, "out", _F32, (T, m * B))
+        want(out, "out", _F32, (T, m * B))
     if T == 0 or m == 0:
         return out
     device = cp.cuda.Device().id
     blocks_launch = _blocks_launch(device, T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH)
     if blocks_launch is not None:
-        return _token_scores_blocks(blocks_launch, q, qs, w, keys, ks, blocks, B, ends, out, T, Hi, m, cap)
+        return _token_scores_blocks(blocks_launch, q, qs, w, keys, ks, blocks, B, ends, out, T, m, cap)
     fn, grid, block, smem, tail = _launch(device, T, Hi, Di, bool(fp8), m, B, cap, path or DEFAULT_PATH,
                                           None if splits is None else int(splits))
     fn(grid, block, (q, qs, w, keys, ks, blocks, ends, out) + tail, shared_mem=smem)
@@ -410,10 +407,10 @@ def slots_to_positions_gpu(slots, blocks, B, ends=None):
                          f"slots {_what(slots)}, blocks {_what(blocks)}")
     T, K = slots.shape
     m = blocks.shape[1]
-    _want(slots, "slots", _I32, (T, K))
-    _want(blocks, "blocks", _I32, (T, m))
+    want(slots, "slots", _I32, (T, K))
+    want(blocks, "blocks", _I32, (T, m))
     if ends is not None:
-        _want(ends, "ends", _I32, (T,))
+        want(ends, "ends", _I32, (T,))
     B = int(B)
     n = T * K
     if B < 1 or n >= 2**31:
@@ -433,8 +430,8 @@ def force_blocks_gpu(J, ends, B):
     if not (is_gpu(J) and J.ndim == 2):
         raise ValueError(f"force_blocks: expected a CuPy J [T, nb], got {_what(J)}")
     T, nb = J.shape
-    _want(J, "J", _F32, (T, nb))
-    _want(ends, "ends", _I32, (T,))
+    want(J, "J", _F32, (T, nb))
+    want(ends, "ends", _I32, (T,))
     B = int(B)
     if B < 1:
         raise ValueError(f"force_blocks: block size {B}")
