@@ -104,7 +104,7 @@
 #define HT_BSTAGES 4
 #endif
 #ifndef HT_QCH
-#define HT_QCH 16
+#define HT_QCH 32
 #endif
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -736,7 +736,7 @@ extern "C" __global__ void force_blocks(float* __restrict__ J, const int* __rest
 //   hisa_bucket_count: counts the pairs of each bucket in cnt[0 .. nbk] (global atomics; cnt[nbk + 1] the
 //     CTAs' done counter). The last CTA to finish scans the counts: bucket k's pairs start at fill[k], and
 //     are cut into items of at most qch, items[n] = (k, or -1 for the dead bucket; first pair; pair count;
-//     0); n_items[0] = the number of items. It then zeroes cnt[0 .. nbk + 1] again: the launcher keeps one
+//     0), at most max_items of them (more traps); n_items[0] = the number of items. It then zeroes cnt[0 .. nbk + 1] again: the launcher keeps one
 //     zeroed cnt a device and stream order does the rest (no memset a call).
 //   hisa_bucket_scatter: every pair to its bucket's next free place in `pairs` (atomics on fill).
 // The order inside a bucket depends on the atomics, the scores do not: each pair is computed alone.
@@ -760,7 +760,7 @@ __device__ __forceinline__ void bucket_keys(int* key, const int* __restrict__ bl
 extern "C" __global__ void __launch_bounds__(BK_THREADS)
 hisa_bucket_count(const int* __restrict__ blocks, const int* __restrict__ ends, int T, int m, int B, int nbk,
                   int cap, int qch, int* __restrict__ cnt, int* __restrict__ fill, int4* __restrict__ items,
-                  int* __restrict__ n_items) {
+                  int max_items, int* __restrict__ n_items) {
     __shared__ int wsum[32][2];  // per-warp sums of the scan (pairs, items)
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -801,10 +801,15 @@ hisa_bucket_count(const int* __restrict__ blocks, const int* __restrict__ ends, 
     }
     __syncthreads();
     int op = ip - sp, oi = ii - si;  // exclusive: this thread's first pair and first item
-    for (int v = 0; v < warp; ++v) {
-        op += wsum[v][0];
-        oi += wsum[v][1];
+    int total = 0;                   // items of all buckets
+    for (int v = 0; v < BK_THREADS / 32; ++v) {
+        if (v < warp) {
+            op += wsum[v][0];
+            oi += wsum[v][1];
+        }
+        total += wsum[v][1];
     }
+    if (total > max_items) trap();  // the launcher's bound (blocks_items) is wrong: never write past items
     for (int k = k0; k < k1; ++k) {
         const int c = __ldcg(cnt + k);
         for (int j = 0; j * qch < c; ++j) items[oi++] = make_int4(k == nbk ? -1 : k, op + j * qch, min(qch, c - j * qch), 0);

@@ -118,10 +118,11 @@ MAX_TILES = 256              # tiles one CTA of the wgmma kernel can take (WG_MA
 NT = 64                      # slots per tile of the mma.sync kernel
 WGMMA_ROWS = (64, 128, 256)  # q/key row bytes the wgmma kernel's swizzled layouts handle
 BLOCK_B = 128                # the block-major kernel's block size (hisa_tokens.cu BM_B)
-BLOCK_QCH = 16               # most queries an item of the block-major kernel (one CTA) takes (-D HT_QCH;
-                             # H200, 1024 queries: 16 -> 0.18 ms, 32 or 64 -> 0.26 ms)
+BLOCK_QCH = 32               # most queries an item of the block-major kernel (one CTA) takes (-D HT_QCH;
+                             # H200, 1024 queries, bench/kernels.py tokens: 8 -> 0.30 ms, 16 -> 0.27-0.28,
+                             # 32 -> 0.26)
 BLOCK_MIN_T = 512            # below this many queries "auto" keeps the query-major kernel (H200: equal at
-                             # 256 queries, where the bucketing's launches cost as much as they save; 1.5x at 1024 with 32-query items)
+                             # 256 queries, where the bucketing's launches cost as much as they save; 1.5x at 1024)
 MAX_BUCKETS = 1 << 20        # blocks of the cache the bucketing scan takes (1024 threads, <= 1025 buckets each)
 BUCKET_THREADS, BUCKET_PAIRS = 1024, 4  # hisa_tokens.cu BK_THREADS, BK_PAIRS
 # "auto": on sm_90 (Hopper) the block-major wgmma kernel when B = 128 and there are >= BLOCK_MIN_T queries,
@@ -188,9 +189,10 @@ def defines(fp8, Di, Hi):
             f"HT_WSTAGES={wgmma_stages(row_bytes)}", f"HT_BSTAGES={blocks_stages(row_bytes)}", f"HT_QCH={BLOCK_QCH}")
 
 
-def blocks_items(T, m, nbk, qch=BLOCK_QCH):
-    """Upper bound on the block-major kernel's items (its grid): every bucket's last item may be partial, and
-    at most min(nbk + 1, T*m) buckets (the cache's blocks and the dead one) hold pairs."""
+def blocks_items(T, m, nbk, qch):
+    """Upper bound on the block-major kernel's items (its grid) with items of at most qch queries: every
+    bucket's last item may be partial, and at most min(nbk + 1, T*m) buckets (the cache's blocks and the dead
+    one) hold pairs. hisa_bucket_count traps rather than write more."""
     return -(-T * m // qch) + min(nbk + 1, T * m)
 
 
@@ -289,7 +291,8 @@ def _blocks_launch(device, T, Hi, Di, fp8, m, B, cap, path):
         return None
     smem = blocks_smem(row_bytes, blocks_stages(row_bytes))
     return BlocksLaunch(_function(defs, "hisa_bucket_count", 0), _function(defs, "hisa_bucket_scatter", 0),
-                        _function(defs, "hisa_token_scores_blocks", smem), blocks_items(T, m, nbk), smem, nbk)
+                        _function(defs, "hisa_token_scores_blocks", smem), blocks_items(T, m, nbk, BLOCK_QCH), smem,
+                        nbk)
 
 
 @per_device
@@ -319,7 +322,7 @@ def bucket_pairs(launch, blocks, ends, T, m, B, cap, q=None, qs=None, w=None):
     per_cta = BUCKET_THREADS * BUCKET_PAIRS
     shape = (blocks, ends, i32(T), i32(m), i32(B), i32(nbk), i32(cap))
     launch.count((-(-T * m // per_cta),), (BUCKET_THREADS,),
-                 shape + (i32(BLOCK_QCH), _bucket_counters(), fill, items, n_items))
+                 shape + (i32(BLOCK_QCH), _bucket_counters(), fill, items, i32(n_max), n_items))
     chunks = T * img // 16
     grid = max(-(-T * m // per_cta), -(-chunks // BUCKET_THREADS))
     q_args = (blocks, blocks, blocks, i32(1)) if q is None else (q, qs, w, i32(q.shape[1]))
