@@ -507,7 +507,7 @@ __device__ __forceinline__ void blocks_body(const u8* __restrict__ q_sw, const f
     constexpr int KST = DB / 32;                       // k steps of 32 bytes
     constexpr int K_BYTES = BM_B * DB;                 // the block's key tile (multiples of 1024 bytes)
     constexpr int Q_BYTES = BM_NCOL * DB;              // one unit's q tile: two queries' images
-    constexpr int IMG = 64 * DB;                       // one query's image (hisa_prepare_q)
+    constexpr int IMG = 64 * DB;                       // one query's image (prepare_chunk)
     constexpr int CB = DB >= 128 ? 128 : DB;           // bytes of a row in one swizzle column block
     constexpr int PIECES = DB / CB;                    // bulk copies an image: one per column block
     constexpr int KCH = BM_B * CPR_ / WG_NTH;          // 16-byte chunks a thread, key tile
