@@ -347,8 +347,9 @@ def hisa_token_scores_gpu(q, w, keys, blocks, B, ends, q_scale=None, key_scale=N
 
     fp8: q uint8 [T, Hi, Di] and keys uint8 [cap, Di] (e4m3 bits) with q_scale fp32 [T, Hi], key_scale fp32
     [cap]; float: bf16 bits (uint16 or bfloat16), no scales. w fp32 [T, Hi], blocks int32 [T, m], ends int32
-    [T]. out: fp32 [T, m*B] to write into instead of a new array; path: "auto" / "wgmma" / "mma"
-    (DEFAULT_PATH); splits: CTAs a query (default from plan).
+    [T]. out: fp32 [T, m*B] to write into instead of a new array; path: "auto" / "blocks" / "wgmma" / "mma"
+    (DEFAULT_PATH); splits: CTAs a query of the query-major kernels (default from plan; the block-major
+    kernel has no such choice and ignores it).
     """
     import cupy as cp
     q, keys = _bits_u16(q), _bits_u16(keys)
