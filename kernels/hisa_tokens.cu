@@ -326,7 +326,6 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
     static_assert(DB == 64 || DB == 128 || DB == 256, "wgmma rows are 64, 128 or 256 bytes");
     static_assert(S >= 2 && S <= 8, "HT_WSTAGES must be 2 .. 8");
     constexpr int CPR_ = DB / 16;                  // 16-byte chunks a row
-    constexpr int KST = DB / 32;                   // k steps of 32 bytes
     constexpr int CH_PER_THREAD = WG_NT * CPR_ / WG_NTH;
     static_assert(CH_PER_THREAD * WG_NTH == WG_NT * CPR_, "chunks split evenly over the threads");
     constexpr int Q_BYTES = WG_NH * DB;            // multiples of 1024: the swizzle atoms stay aligned
@@ -446,16 +445,7 @@ __device__ __forceinline__ void wgmma_body(const u8* __restrict__ q, const float
 
         // d. D[64 keys x 64 heads] of this warpgroup's half of the tile.
         const int stage = it % S;
-        const u32 k_s = base + OFF_K + stage * K_BYTES;
-        fence_regs<32>(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < KST; ++c) {
-            const u64 da = make_desc<DB>(k_s + kstep_off<DB, WG_NT>(wg * 64, c));
-            const u64 db = make_desc<DB>(base + kstep_off<DB, WG_NH>(0, c));
-            wgmma_step<HT_FP8 != 0, WG_NH>(acc, da, db, c > 0);
-        }
-        wgmma_commit();
+        wgmma_rows<HT_FP8 != 0, DB, WG_NT, WG_NH, WG_NH>(acc, base + OFF_K + stage * K_BYTES, wg * 64, base);
         wgmma_wait0();
         fence_regs<32>(acc);
 
@@ -504,7 +494,6 @@ __device__ __forceinline__ void blocks_body(const u8* __restrict__ q_sw, const f
     static_assert(S >= 2 && S <= 8, "HT_BSTAGES must be 2 .. 8");
     static_assert(BM_QG == 2, "a unit is two queries");
     constexpr int CPR_ = DB / 16;                      // 16-byte chunks a row
-    constexpr int KST = DB / 32;                       // k steps of 32 bytes
     constexpr int K_BYTES = BM_B * DB;                 // the block's key tile (multiples of 1024 bytes)
     constexpr int Q_BYTES = BM_NCOL * DB;              // one unit's q tile: two queries' images
     constexpr int IMG = 64 * DB;                       // one query's image (prepare_chunk)
@@ -612,16 +601,7 @@ __device__ __forceinline__ void blocks_body(const u8* __restrict__ q_sw, const f
         mbar_wait(full + 8 * stage, (u / S) & 1);  // unit u landed
 
         // D[64 keys x 128 columns] of this warpgroup's half of the block: columns 64g + h = head h of query g.
-        const u32 q_s = base + OFF_Q + stage * Q_BYTES;
-        fence_regs<2 * BM_NCOL / 4>(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < KST; ++c) {
-            const u64 da = make_desc<DB>(base + kstep_off<DB, BM_B>(wg * 64, c));
-            const u64 db = make_desc<DB>(q_s + kstep_off<DB, BM_NCOL>(0, c));
-            wgmma_step<HT_FP8 != 0, BM_NCOL>(acc, da, db, c > 0);
-        }
-        wgmma_commit();
+        wgmma_rows<HT_FP8 != 0, DB, BM_B, BM_NCOL, BM_NCOL>(acc, base, wg * 64, base + OFF_Q + stage * Q_BYTES);
         if (tid == 0 && u >= 1 && u - 1 + S < units) {  // while the MMA runs: unit u-1's stage <- unit u-1+S
             const int prev = (u - 1) % S;
             mbar_wait(empty + 8 * prev, ((u - 1) / S) & 1);

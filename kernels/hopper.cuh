@@ -184,6 +184,21 @@ __device__ __forceinline__ void wgmma_step(float* d, u64 da, u64 db, int accumul
   if constexpr (!FP8 && NCOL == 128) wgmma_bf16_n128(d, da, db, accumulate);
 }
 
+// D[64 x NCOL] (+)= A . B^T over whole rows of DB bytes (DB/32 k steps), issued as one committed wgmma group:
+// A = rows a_row0 .. a_row0+63 of a swizzled tile of RA rows at a_tile, B = rows 0 .. NCOL-1 of one of RB rows
+// at b_tile (shared-window addresses; tile_off layouts). The first step overwrites D. The caller waits
+// (wgmma_wait0) and then fences the accumulators (fence_regs<NCOL / 2>) before reading them.
+template <bool FP8, int DB, int RA, int RB, int NCOL>
+__device__ __forceinline__ void wgmma_rows(float* d, u32 a_tile, int a_row0, u32 b_tile) {
+  fence_regs<NCOL / 2>(d);
+  wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < DB / 32; ++c)
+    wgmma_step<FP8, NCOL>(d, make_desc<DB>(a_tile + kstep_off<DB, RA>(a_row0, c)),
+                          make_desc<DB>(b_tile + kstep_off<DB, RB>(0, c)), c > 0);
+  wgmma_commit();
+}
+
 // ---------------------------------------------------------------------------------------------------
 // mbarriers (64-bit words in shared memory, addressed by their shared-window address)
 

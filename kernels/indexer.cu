@@ -412,7 +412,7 @@ template <bool FP8, int NCOL, int QG, int KS, int QR>
 __device__ __forceinline__ void wgmma_body(INDEXER_PARAMS) {
   static_assert(QG * KS == 2, "two warpgroups");
   constexpr int DB = FP8 ? DI : 2 * DI;
-  constexpr int NTH = 256, BK = 64 * KS, STAGES = 4, CHUNKS = DB / 32;
+  constexpr int NTH = 256, BK = 64 * KS, STAGES = 4;
   static_assert(NCOL % HI == 0, "a warpgroup holds whole queries");
   constexpr int QB = QG * QR;  // Q blocks of NCOL columns
   constexpr int QCTA = QB * NCOL / HI;
@@ -466,15 +466,7 @@ __device__ __forceinline__ void wgmma_body(INDEXER_PARAMS) {
 #pragma unroll
     for (int r = 0; r < QR; ++r) {
       const int b = b0 + r;
-      fence_regs<NCOL / 2>(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c) {
-        const u64 da = make_desc<DB>(stage + kstep_off<DB, BK>(kh * 64, c));
-        const u64 db = make_desc<DB>(q_s + b * Q_BLK + kstep_off<DB, NCOL>(0, c));
-        wgmma_step<FP8, NCOL>(acc, da, db, c > 0);
-      }
-      wgmma_commit();
+      wgmma_rows<FP8, DB, BK, NCOL, NCOL>(acc, stage, kh * 64, q_s + b * Q_BLK);
       wgmma_wait0();
       fence_regs<NCOL / 2>(acc);
       head_sum<NCOL / 8, BK>(acc, W + b * NCOL, S + (it & 1) * S_FLOATS, b * (NCOL / HI), row, lane);
