@@ -2,7 +2,7 @@
 
 One kernel family per `.cu` file; its launcher and numpy reference live in the sibling `.py`.
 Device helpers several families share (cp.async, wgmma, mbarriers) live in `hopper.cuh`, which a `.cu`
-asks for with a `// prelude: hopper.cuh` line (see `_cuda.source`).
+includes (`_cuda.source` pastes it in for NVRTC, which resolves no includes).
 The reference is both the CPU path and the test oracle: callers use the dispatching function,
 which picks the kernel for CuPy arrays and the reference for numpy arrays.
 """

@@ -1,8 +1,9 @@
 """Plumbing shared by the launchers: is there a GPU, compile a .cu once, check arguments.
 
-Kernel sources include no headers (NVRTC on the GPU machine lacks CUDA's crt/ headers). The device helpers
-several of them share live in a prelude (kernels/hopper.cuh) that source() pastes in where a file asks for
-it, so the same text compiles under NVRTC at run time and under `nvcc -cubin -arch=sm_90` in the CPU test.
+Kernel sources include no system headers (NVRTC on the GPU machine lacks CUDA's crt/ headers). The device
+helpers several of them share live in kernels/hopper.cuh: a .cu includes it (so nvcc builds the file as it
+stands), and source() pastes it in place of that line, so NVRTC at run time gets one self-contained text,
+the same text the CPU compile tests build.
 """
 import contextlib
 import functools
@@ -72,11 +73,12 @@ def to_device(a, device):
 
 # --- Compiling and launching -------------------------------------------------------------------------
 
-PRELUDE = re.compile(r"^// prelude: (\S+)$", re.M)  # a whole line of a .cu: paste kernels/<name> here
+PRELUDE = re.compile(r'^#include "(\w+\.cuh)"$', re.M)  # a whole line of a .cu: paste kernels/<name> here
 
 
 def source(filename):
-    """The text of kernels/<filename> as compiled: each `// prelude: NAME` line replaced by kernels/NAME.
+    """The text of kernels/<filename> as compiled: each `#include "NAME.cuh"` line replaced by kernels/NAME.cuh
+    (NVRTC on the GPU machine resolves no includes; nvcc compiling the file itself finds it beside it).
 
     #line directives keep compiler messages pointing at the file and line they come from."""
     with open(os.path.join(KERNEL_DIR, filename)) as f:

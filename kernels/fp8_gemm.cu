@@ -48,8 +48,9 @@
 //       units over all n tiles at once. Each tile offsets w8 and sw to its expert and stops at the group's end.
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, wgmma and mbarrier helpers
-// come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
-// prelude: hopper.cuh
+// come from kernels/hopper.cuh: nvcc finds it beside this file; for NVRTC kernels/_cuda.py:source pastes
+// it in place of the #include:
+#include "hopper.cuh"
 
 #define FULL_MASK 0xffffffffu
 #define E4M3_MAX 448.0f

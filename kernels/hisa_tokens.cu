@@ -82,8 +82,9 @@
 //    second job) q rows as wgmma-ready images for the bulk copies of kernel 5 (see there).
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, swizzle and wgmma helpers
-// come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
-// prelude: hopper.cuh
+// come from kernels/hopper.cuh: nvcc finds it beside this file; for NVRTC kernels/_cuda.py:source pastes
+// it in place of the #include:
+#include "hopper.cuh"
 
 #ifndef HT_FP8
 #define HT_FP8 1

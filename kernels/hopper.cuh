@@ -1,13 +1,14 @@
 // Hopper device helpers shared by the kernel files: inline-PTX wrappers for cp.async, the 128/64-byte
 // swizzled shared tiles that wgmma reads, wgmma itself (m64nNk32 e4m3, m64nNk16 bf16) and mbarriers.
 //
-// Not #included (NVRTC on the GPU machine cannot resolve includes): a kernel file asks for it with the line
-//   // prelude: hopper.cuh
-// which kernels/_cuda.py:source() replaces with this text, for NVRTC at run time and for nvcc in the CPU
-// compile tests alike. Users: indexer.cu, hisa_tokens.cu and fp8_gemm.cu (cp.async, tiles, wgmma; mbarriers:
-// fp8_gemm.cu only), and sparse_mla.cu (smem_addr, cp.async). The wgmma and mbarrier parts exist only for
-// sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the rest is sm_80+ PTX (fence.proxy.async: sm_90), emitted only where
-// a kernel calls it.
+// A kernel file has the line
+//   #include "hopper.cuh"
+// which nvcc resolves beside it, and which kernels/_cuda.py:source() replaces with this text for NVRTC at run
+// time (it cannot resolve includes on the GPU machine) and for the CPU compile tests. Users: indexer.cu,
+// hisa_tokens.cu and fp8_gemm.cu (cp.async, tiles, wgmma, mbarriers, bulk copies), and sparse_mla.cu
+// (smem_addr, cp.async). The wgmma, mbarrier and bulk-copy parts exist only for sm_90a
+// (__CUDA_ARCH_FEAT_SM90_ALL); the rest is sm_80+ PTX (fence.proxy.async: sm_90), emitted only where a kernel
+// calls it.
 
 typedef unsigned char u8;
 typedef unsigned short u16;

@@ -56,8 +56,9 @@
 //     mma.sync is itself lowered to f16 HMMA, so this is the rate of the f16 path, about half of wgmma fp8.)
 //
 // NVRTC-compatible: no #include, no std::, extern "C" entry points. The cp.async, swizzle and wgmma helpers
-// come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
-// prelude: hopper.cuh
+// come from kernels/hopper.cuh: nvcc finds it beside this file; for NVRTC kernels/_cuda.py:source pastes
+// it in place of the #include:
+#include "hopper.cuh"
 
 #ifndef HI
 #define HI 64

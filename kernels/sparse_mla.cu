@@ -22,8 +22,9 @@
 // x 4 latent dims in registers. nsplit > 1 (decode: few queries) splits the selected list over CTAs,
 // and sparse_mla_combine (grid T*H, Dc/4 threads) merges the partial (max, sum, o) triples.
 
-// The cp.async helpers come from the prelude (kernels/hopper.cuh, pasted in by kernels/_cuda.py:source):
-// prelude: hopper.cuh
+// The cp.async helpers come from kernels/hopper.cuh: nvcc finds it beside this file; for NVRTC
+// kernels/_cuda.py:source pastes it in place of the #include:
+#include "hopper.cuh"
 
 #ifndef SM_DC
 #define SM_DC 512

@@ -1,8 +1,8 @@
 """Every kernel source compiles for sm_90 with nvcc, so a kernel that does not build cannot land (CPU test).
 
-The sources are compiled at run time by NVRTC on the GPU machine, which cannot find CUDA's crt/ headers:
-they must include nothing. Shared helpers come in through a `// prelude: NAME` line instead, and nvcc here
-compiles the text kernels/_cuda.py:source() builds from it, the same text NVRTC gets.
+The sources are compiled at run time by NVRTC on the GPU machine, which resolves no includes: the only
+include a kernel may have is `#include "NAME.cuh"` of a kernels/*.cuh, which kernels/_cuda.py:source() pastes
+in, so NVRTC gets one self-contained text. nvcc here builds that same text, and each file as it stands too.
 """
 import glob
 import os
@@ -25,9 +25,13 @@ def test_there_are_kernels():
 
 @pytest.mark.parametrize("source", KERNELS + PRELUDES, ids=os.path.basename)
 def test_no_includes(source):
+    """No include but a kernels/*.cuh (PRELUDE lines), and none at all in the text NVRTC compiles."""
     with open(source) as f:
-        includes = [l.strip() for l in f if re.match(r"\s*#\s*include", l)]
+        includes = [l.strip() for l in f if re.match(r"\s*#\s*include", l) and not PRELUDE.match(l.strip())]
     assert not includes, f"{os.path.basename(source)}: NVRTC on the GPU machine cannot resolve {includes}"
+    if source in KERNELS:
+        text = kernel_source(os.path.basename(source))
+        assert not re.search(r"^\s*#\s*include", text, re.M), f"{os.path.basename(source)}: an include left for NVRTC"
 
 
 def prelude_names(path):
@@ -37,7 +41,7 @@ def prelude_names(path):
 
 @pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
 def test_preludes_are_pasted_in(source):
-    """Each `// prelude: NAME` line names a kernels/*.cuh, and the compiled text has that file in its place."""
+    """Each `#include "NAME.cuh"` names a kernels/*.cuh, and the compiled text has that file in its place."""
     names = prelude_names(source)
     for name in names:
         assert os.path.join(KERNEL_DIR, name) in PRELUDES, f"{os.path.basename(source)}: no kernels/{name} (*.cuh)"
@@ -50,6 +54,15 @@ def test_every_prelude_has_a_user():
     used = {name for k in KERNELS for name in prelude_names(k)}
     unused = {os.path.basename(p) for p in PRELUDES} - used
     assert not unused, f"no kernel asks for {sorted(unused)}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on this machine")
+@pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
+def test_file_as_it_stands_compiles_for_sm90(source, tmp_path):
+    """nvcc on kernels/<file> itself (its includes resolved beside it), as an editor or a reader would build it."""
+    r = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-std=c++17", "-o", str(tmp_path / "k.cubin"), source],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"{os.path.basename(source)} does not compile as it stands:\n{r.stderr[-4000:]}"
 
 
 def compile_report(source, tmp_path, arch, defines=()):
