@@ -9,7 +9,7 @@ import pytest
 from kernels._cuda import HAVE_GPU, write_source
 from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
 from kernels.indexer import HEAD_DIMS, HEADS, hisa_block_scores, hisa_block_scores_reference, index_scores_reference, \
-    plan
+    key_splits, plan
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: indexer kernel parity runs on the GPU machine")
 
@@ -183,15 +183,18 @@ def test_plans_fit_shared_memory(fp8, wgmma):
 
 
 def test_plan_key_splits():
-    """The key axis is cut to fill an H100/H200 (132 SMs) when query blocks are few, but a CTA keeps at least as
-    many key bytes as q bytes to stream (8 tiles for the fp8 wgmma prefill blocks, 2 for decode)."""
+    """The key axis is cut to fill an H100/H200 (132 SMs, 2 CTAs an SM) in whole waves when query blocks are few,
+    but a CTA keeps at least as many key bytes as q bytes to stream (8 tiles for the fp8 wgmma prefill blocks, 2
+    for decode)."""
     splits = lambda T, N, wgmma=True: plan(T, N, 64, 128, True, wgmma, num_sms=132)[1][1]  # noqa: E731
     assert splits(1024, 1024) == 2            # HISA block stage at 128K: 256 CTAs of 8 tiles (was 5 splits)
     assert splits(1024, 256) == 1             # at 32K: 4 tiles a query block, not worth re-reading q for
-    assert splits(1024, 32768) == splits(1024, 131072) == 5  # DSA, 1024 queries: the GPU is filled
+    assert splits(1024, 32768) == splits(1024, 131072) == 8  # DSA, 1024 queries: 1024 CTAs, 3.9 waves of 264
+    assert key_splits(128, 512, 65536, 8192, 132) == 8       # 5 would leave 2.4 waves, 3 1.5 waves
+    assert key_splits(128, 512, 65536, 8192, 132, ctas_per_sm=1) == 8  # 1024 CTAs, 7.8 waves of 132
     assert splits(131072, 131072) == 1 and splits(8192, 32768) == 1  # prefill: query blocks are enough
     assert splits(1, 131072) == 512 and splits(1, 1024) == 4       # decode: 2 tiles of 128 keys a CTA
-    assert splits(1024, 1024, wgmma=False) == 3  # mma.sync: 32 KB of q, 4 tiles a CTA at least
+    assert splits(1024, 1024, wgmma=False) == 4  # mma.sync: 32 KB of q, 4 tiles a CTA at least; 4 whole waves
     for T, N in [(1024, 1000), (300, 5000), (5, 70000), (1024, 8192)]:
         name, (qblocks, s), _, _ = plan(T, N, 64, 128, True, True, num_sms=132)
         tiles = -(-N // 64)
