@@ -214,6 +214,36 @@ def time_ms_queued(fn, inputs=(None,), reps=50, warmup=3):
     return cp.cuda.get_elapsed_time(start, end) / reps
 
 
+def time_ms_graph(fn, reps=20, replays=20, warmup=3):
+    """Device ms per fn() replayed as a CUDA graph, the way serving engines run decode: fn's launches are
+    captured once on a private stream (after warm-up on that stream, so CuPy's pool and the launchers'
+    per-stream scratch already hold every buffer and the capture allocates nothing new), then the graph is
+    replayed `replays` times between two events; the median over reps. The host's launch cost is gone, so
+    this times the kernels and the gaps between them only. fn must not synchronise (a capture forbids it)."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(warmup):
+            fn()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            keep = fn()  # noqa: F841  (its outputs stay allocated while the graph writes them)
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        times = []
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        for _ in range(reps):
+            start.record(stream)
+            for _ in range(replays):
+                graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, end) / replays)
+    return float(np.median(times))
+
+
 def fp8_weight_pool(N, K, min_bytes=256 << 20):
     """Copies of one random FP8 weight shape totalling >= min_bytes, used in turn so that L2 (50-60 MB) does
     not hold the one being read. Scales are 1: speed does not depend on values."""
