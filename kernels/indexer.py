@@ -195,8 +195,12 @@ def key_splits(qblocks, tiles, q_bytes, tile_bytes, num_sms, ctas_per_sm=2):
         per = -(-tiles // s)
         return -(-qblocks * -(-tiles // per) // slots) * per, -(-tiles // per)
 
-    # the least waves x tiles, and among equals the most slices
-    return max((-cost, n) for cost, n in map(waves_x_tiles, range(1, most + 1)))[1]
+    # Within a number of waves w the most splits, floor(w slots / qblocks), have the fewest tiles a CTA, so only
+    # those are tried (at most 16 / ctas_per_sm of them: this runs on every launch, and a decode over 128K keys
+    # may cut into 512). The least waves x tiles wins, and among equals the most slices.
+    waves = -(-qblocks * most // slots)
+    tries = {most} | {min(most, w * slots // qblocks) for w in range(1, waves + 1)} - {0}
+    return max((-cost, n) for cost, n in map(waves_x_tiles, tries))[1]
 
 
 def _bf16_bits(a, name):

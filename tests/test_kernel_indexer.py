@@ -195,6 +195,19 @@ def test_plan_key_splits():
     assert splits(131072, 131072) == 1 and splits(8192, 32768) == 1  # prefill: query blocks are enough
     assert splits(1, 131072) == 512 and splits(1, 1024) == 4       # decode: 2 tiles of 128 keys a CTA
     assert splits(1024, 1024, wgmma=False) == 4  # mma.sync: 32 KB of q, 4 tiles a CTA at least; 4 whole waves
+    # key_splits tries only the most splits of each wave count; an exhaustive search agrees
+    for qblocks in (1, 3, 50, 128, 300, 527):
+        for tiles in (1, 7, 100, 1024, 2048, 4999):
+            for q_bytes, tile_bytes, ctas in ((65536, 8192, 2), (8192, 16384, 2), (32768, 8192, 1), (8192, 8192, 4)):
+                want = 4 * 132
+                most = max(1, min(2 * -(-want // qblocks), tiles // max(2, -(-q_bytes // tile_bytes))))
+                cost = {}
+                for s_ in range(1, most + 1):
+                    per = -(-tiles // s_)
+                    n = -(-tiles // per)
+                    cost.setdefault(-(-qblocks * n // (ctas * 132)) * per, set()).add(n)
+                best = max(cost[min(cost)]) if qblocks < want else 1
+                assert key_splits(qblocks, tiles, q_bytes, tile_bytes, 132, ctas) == best, (qblocks, tiles, ctas)
     for T, N in [(1024, 1000), (300, 5000), (5, 70000), (1024, 8192)]:
         name, (qblocks, s), _, _ = plan(T, N, 64, 128, True, True, num_sms=132)
         tiles = -(-N // 64)
