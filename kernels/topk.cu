@@ -91,10 +91,9 @@
 // column as its position (map_slots below), saving HISA a launch; with ascending block ids (top-m's output)
 // the positions stay ascending.
 
-#define THREADS 512
-#define NWARPS (THREADS / 32)
-#define NBINS 2048
-#define BPT (NBINS / THREADS)  // histogram bins per thread in find_bin
+// THREADS (512), NBINS, the keys, the block scan and the radix select:
+#include "select.cuh"
+
 #define KMAX 2048
 #define UNROLL 4               // exact path: groups of 4 floats loaded per thread before any is processed
 #define CUNROLL 8              // fast path: float4 loads in flight per thread
@@ -103,7 +102,6 @@
 #define SORT_CHUNK 128         // bitonic sort: positions a warp sorts in registers (4 per lane)
 #define IDX_TOP 30             // columns are < 2^30
 #define ALL_VALID 0x00800000u  // key(-FLT_MAX), the smallest valid key: T0 taking every valid score
-#define FULL_MASK 0xffffffffu
 #define NEG_INF __uint_as_float(0xff800000u)
 
 // misc[] slots besides find_bin's 0..2
@@ -114,54 +112,16 @@
 #define M_MAX 7    // largest candidate key
 #define M_NSEL 8   // columns compacted into sel
 
-static_assert(NBINS % THREADS == 0, "find_bin gives each thread BPT bins");
-static_assert(NWARPS <= 32, "the block scan reduces one warp total per lane");
 static_assert(NWARPS * SORT_CHUNK == KMAX, "the bitonic sort covers KMAX positions with every warp");
 static_assert(SAMPLE_G % THREADS == 0, "the sample gives each thread the same number of groups");
 
-__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ unsigned umin(unsigned a, unsigned b) { return a < b ? a : b; }
 __device__ __forceinline__ unsigned umax(unsigned a, unsigned b) { return a > b ? a : b; }
-
-// Order-preserving key; 0 for the invalid values (-inf, NaN).
-__device__ __forceinline__ unsigned order_key(float v) {
-    unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u || u == 0xff800000u) return 0u;
-    if (u == 0x80000000u) u = 0u;  // -0.0 ties with +0.0, as in float comparison
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 // The float of a key >= ALL_VALID (no larger than key(+inf)): for every score v, order_key(v) >= key
 // exactly when v >= key_float(key) (false for NaN and -inf; -0.0 and +0.0 compare equal in both).
 __device__ __forceinline__ float key_float(unsigned key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-
-// Exclusive scan of c over the block in thread order; *total gets the block sum. Block-uniform call.
-// wbuf holds two 32-int buffers used alternately (par flips each call): a buffer is rewritten two
-// calls later, after every thread has passed the barrier of the call in between.
-__device__ __forceinline__ int block_excl_scan(int c, int* wbuf, int& par, int& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(FULL_MASK, incl, o);
-        if (lane >= o) incl += y;
-    }
-    int* buf = wbuf + 32 * par;
-    par ^= 1;
-    if (lane == 31) buf[warp] = incl;
-    __syncthreads();
-    const int wt = lane < NWARPS ? buf[lane] : 0;
-    int wincl = wt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(FULL_MASK, wincl, o);
-        if (lane >= o) wincl += y;
-    }
-    total = __shfl_sync(FULL_MASK, wincl, 31);
-    return __shfl_sync(FULL_MASK, wincl - wt, warp) + incl - c;
 }
 
 // Scores 4q .. 4q+3 of a row of L, -inf past column L and for q >= qend (a float4 load when vec).
@@ -280,59 +240,6 @@ __device__ __forceinline__ void gather_group(const unsigned (&key)[4], int i0, u
     run_m += total >> 16;
 }
 
-// One block-wide step of the final ordered selection. Selected: key > thr, or key == thr (valid) with
-// fewer than `need` equal keys before it. An element's slot is #(earlier key > thr) + min(#(earlier
-// equal), need), so one scan of the packed (gt, eq) counts places everything.
-__device__ __forceinline__ void select_group(const unsigned (&key)[4], const int (&idx)[4], unsigned thr,
-                                             int need, int* dst, int dst_n, int& run_gt, int& run_eq,
-                                             int* wbuf, int& par) {
-    int g = 0, e = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        g += key[j] > thr;
-        e += key[j] == thr && key[j] != 0u;
-    }
-    int total;
-    const int excl = block_excl_scan(g | (e << 16), wbuf, par, total);  // fields <= 4 THREADS < 2^16
-    int gt = run_gt + (excl & 0xffff), eq = run_eq + (excl >> 16);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        if (key[j] > thr) {
-            const int p = gt + imin(eq, need);
-            if (p < dst_n) dst[p] = idx[j];
-            ++gt;
-        } else if (key[j] == thr && key[j] != 0u) {
-            if (eq < need && gt + eq < dst_n) dst[gt + eq] = idx[j];
-            ++eq;
-        }
-    }
-    run_gt += total & 0xffff;
-    run_eq += total >> 16;
-}
-
-// Bin b of hist (scanned from the top) with #(above b) < k_rem <= #(above b) + hist[b]; requires
-// sum(hist) >= k_rem >= 1. Writes misc[0] = b, misc[1] = #(above b), misc[2] = hist[b]; ends with a
-// barrier, after which hist may be cleared. Thread t owns bins NBINS-1-BPT*t down to NBINS-BPT*(t+1).
-__device__ __forceinline__ void find_bin(const int* hist, int k_rem, int* misc, int* wbuf, int& par) {
-    const int b0 = NBINS - 1 - BPT * (int)threadIdx.x;
-    int c[BPT], sum = 0;
-#pragma unroll
-    for (int j = 0; j < BPT; ++j) {
-        c[j] = hist[b0 - j];
-        sum += c[j];
-    }
-    int total;
-    int run = block_excl_scan(sum, wbuf, par, total);
-#pragma unroll
-    for (int j = 0; j < BPT; ++j) {
-        if (run < k_rem && k_rem <= run + c[j]) {
-            misc[0] = b0 - j; misc[1] = run; misc[2] = c[j];
-        }
-        run += c[j];
-    }
-    __syncthreads();
-}
-
 __device__ __forceinline__ int lower_bound(const int* a, int n, int v) {  // #(a[i] < v), a ascending
     int lo = 0, hi = n;
     while (lo < hi) {
@@ -442,37 +349,6 @@ __device__ __forceinline__ void exact_row(const float* __restrict__ x, int L, bo
 }
 
 // ---- Fast path pieces ------------------------------------------------------------------------------
-
-// Radix select over elements i in [0, n): val(i, v) says whether i takes part and sets its value v
-// (< 2^top). Finds the kth largest value digit by digit, 11 bits a round from bit `top` down to bit
-// `stop`; returns it with the bits below `stop` cleared (P). above = #(v >> stop > P >> stop), cnt =
-// #(v >> stop == P >> stop) (cnt = n when top <= stop: no round, every element must take part then).
-// Requires 1 <= kth <= #(taking part). Block-uniform; clobbers hist and misc[0..2]; ends after a barrier.
-template <class V>
-__device__ __forceinline__ unsigned radix_select(V val, int n, int kth, int top, int stop, int* hist,
-                                                 int* misc, int* wbuf, int& par, int& above, int& cnt) {
-    unsigned P = 0u;
-    above = 0;
-    cnt = n;
-    while (top > stop) {
-        const int w = imin(11, top - stop), sh = top - w;
-        const unsigned fixed = top >= 32 ? 0u : ~0u << top;  // bits already decided, P's
-        const unsigned dm = (1u << w) - 1u;
-        for (int i = threadIdx.x; i < NBINS; i += THREADS) hist[i] = 0;
-        __syncthreads();
-        for (int i = threadIdx.x; i < n; i += THREADS) {
-            unsigned v;
-            if (val(i, v) && (v & fixed) == P) atomicAdd(&hist[(v >> sh) & dm], 1);
-        }
-        __syncthreads();
-        find_bin(hist, kth - above, misc, wbuf, par);
-        P |= (unsigned)misc[0] << sh;
-        above += misc[1];
-        cnt = misc[2];
-        top = sh;
-    }
-    return P;
-}
 
 // T0 for a row of L > cap scores. The sample is groups j * GL / SAMPLE_G (j < SAMPLE_G) of the row's GL
 // groups of 4, spread over the whole row. The r-th largest of its S = 4 SAMPLE_G keys stands above
