@@ -18,7 +18,8 @@ blocks they touch (decode refreshes just the partial last block).
 """
 import numpy as np
 
-from kernels._cuda import xp_of
+from kernels import hisa_decode
+from kernels._cuda import is_gpu, xp_of
 from kernels.hisa_tokens import hisa_token_scores
 from kernels.indexer import hisa_block_scores
 from kernels.pool import pool_blocks
@@ -52,8 +53,18 @@ def block_scores(q, q_scale, w, pooled, ends):
                              k_scale=None if q_scale is None else pooled.k_scale, n=n_blocks)  # (T, n_blocks)
 
 
-def select(q, q_scale, w, index_cache, pooled, ends, K, m):
-    """HISA's selected positions (T, K), ascending, -1 padded: top-m blocks, then exact top-K inside."""
+def select(q, q_scale, w, index_cache, pooled, ends, K, m, fused=None):
+    """HISA's selected positions (T, K), ascending, -1 padded: top-m blocks, then exact top-K inside.
+
+    On the GPU a few fp8 queries (decode: up to hisa_decode.MAX_QUERIES) take one fused launch
+    (kernels/hisa_decode.cu); otherwise the four steps below run as four kernels (or as the numpy
+    references). fused=False always takes the four steps (tests, benchmarks)."""
+    if is_gpu(q) and fused is not False and len(ends) <= hisa_decode.MAX_QUERIES:
+        n_blocks = -(-pooled.length // pooled.B)
+        if hisa_decode.why_not(len(ends), q.shape[1], q.shape[2], q_scale is not None, n_blocks, m, pooled.B,
+                               K) is None:
+            return hisa_decode.select_gpu(q, q_scale, w, pooled.k, pooled.k_scale, n_blocks, index_cache["k"],
+                                          index_cache["k_scale"], ends, pooled.B, m, K)
     blocks = topk(block_scores(q, q_scale, w, pooled, ends), m)                  # (T, m) ascending block ids
     cand = hisa_token_scores(q, w, index_cache["k"], blocks, pooled.B, ends, q_scale=q_scale,
                              key_scale=index_cache["k_scale"])                    # (T, m*B)

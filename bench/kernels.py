@@ -6,6 +6,8 @@ median over reps, launches included. torch appears here only as a reference poin
     python bench/kernels.py indexer       # index_scores, fp8/bf16, wgmma and mma.sync paths
     python bench/kernels.py splits        # index_scores over few keys (HISA's block stage): key splits swept
     python bench/kernels.py tokens        # the HISA token stage: block-major, query-major wgmma, mma.sync
+    python bench/kernels.py decode        # HISA's select for a few queries: one fused launch vs four kernels,
+                                          # and DSA, device time (CUDA graphs)
     python bench/kernels.py fp8gemm       # FP8 linear: prefill vs torch._scaled_mm, decode GB/s vs a device copy
     python bench/kernels.py grouped       # an MoE layer's experts: one grouped launch per product vs a loop over experts
     python bench/kernels.py mla           # sparse MLA at the released dims: fp32 kernel vs bf16 tensor-core kernel
@@ -196,6 +198,36 @@ extern "C" __global__ void spin(long long cycles) {
   const long long t0 = clock64();
   while (clock64() - t0 < cycles) {}
 }"""
+
+
+def decode_table(lengths=(8192, 32768, 131072), queries=(1, 2, 4, 8, 16), layers=8):
+    """HISA's select at the end of L for T queries: kernels/hisa_decode.cu (one launch) against the four-kernel
+    pipeline, with DSA beside them; device ms a call from CUDA graphs cycling through `layers` caches (as
+    bench.py's setting c), plus the overlap of the two HISA paths' sets (they differ only on near-ties)."""
+    import hisa
+    from bench.bench import make_inputs, run_dsa
+    K, m, B = 2048, 64, 128
+    print(f"{'L':>7} {'T':>3} {'fused':>8} {'4 kernels':>10} {'DSA':>8} {'4k/fused':>9} {'DSA/fused':>10} {'same':>6}")
+    for L in lengths:
+        for T in queries:
+            host_ends = np.arange(L - T + 1, L + 1, dtype=np.int32)
+            ends = cp.asarray(host_ends)
+            caches = []
+            for seed in range(layers):
+                q, qs, w, cache, _ = make_inputs(L, T, seed)
+                pooled = hisa.PooledKeys(cache, B)
+                pooled.update(0, L)
+                caches.append((q, qs, w, cache, pooled))
+            sel = lambda f: [hisa.select(q, qs, w, c, p, ends, K, m, fused=f) for q, qs, w, c, p in caches]
+            fused = time_ms_graph(lambda: sel(None)) / layers
+            four = time_ms_graph(lambda: sel(False)) / layers
+            dsa = time_ms_graph(lambda: [run_dsa(q, qs, w, c, ends, T, host_ends) for q, qs, w, c, _ in caches]) / layers
+            a, b = (cp.asnumpy(x[0]) for x in (sel(None), sel(False)))
+            same = np.mean([len(set(a[t]) & set(b[t])) / max(1, (b[t] >= 0).sum()) for t in range(T)])
+            print(f"{L:>7} {T:>3} {fused:8.4f} {four:10.4f} {dsa:8.4f} {four / fused:8.2f}x {dsa / fused:9.2f}x "
+                  f"{same:6.4f}", flush=True)
+            del caches
+            cp.get_default_memory_pool().free_all_blocks()
 
 
 def time_ms_queued(fn, inputs=(None,), reps=50, warmup=3):
@@ -528,6 +560,8 @@ def main():
                 bucket = f" (its bucketing {bench_bucket(T, L):.3f})" if T >= 16 else ""
                 print(f"scores T={T} L={L}: " + ", ".join(
                     f"{p} {bench_token_scores(T, L, path=p):.3f}" for p in paths) + f" ms{bucket}", flush=True)
+    elif what == "decode":
+        decode_table()
     elif what == "fp8gemm":
         fp8gemm_tables()
     elif what == "grouped":
@@ -535,7 +569,7 @@ def main():
     elif what == "mla":
         mla_table()
     else:
-        sys.exit("usage: python bench/kernels.py [topk|indexer|splits|tokens|fp8gemm|grouped|mla]")
+        sys.exit("usage: python bench/kernels.py [topk|indexer|splits|tokens|decode|fp8gemm|grouped|mla]")
 
 
 if __name__ == "__main__":

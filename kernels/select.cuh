@@ -1,4 +1,4 @@
-// Block-wide selection pieces (from kernels/topk.cu, for other kernels to share): one CTA of THREADS
+// Block-wide selection pieces shared by kernels/topk.cu and kernels/hisa_decode.cu: one CTA of THREADS
 // threads finds the k largest of n keys (an 11-bit radix select) and writes the chosen indices in index
 // order (a block scan), so nothing is sorted. The file that includes this one launches THREADS threads a
 // CTA and gives the pieces their shared memory: hist int[NBINS], wbuf int[2][32] (the block scans'
@@ -139,3 +139,89 @@ __device__ __forceinline__ unsigned radix_select(V val, int n, int kth, int top,
     return P;
 }
 
+// The k largest of a row of up to THREADS * PER keys held in registers, warp-contiguous: lane l of warp w holds
+// indices w 32 J + 32 j + l (j < J) as key[j], J = ceil(row / (32 NWARPS)) <= PER (keys past J or past the row:
+// 0, invalid), so a warp's loads of a row are coalesced, every warp holds a share of a short row, and index
+// order is (warp, j, lane) order. emit(slot, index) is called once for each chosen index,
+// slot = its place among the chosen in index order (0 .. k-1); ties at the threshold go to the lower indices.
+// Returns the number of valid keys (a row with at most k of them has them all chosen; the caller pads slots
+// [min(valid, k), k)).
+// The threshold comes from radix_select's rounds run on the registers (11 bits a round from the top), stopping
+// once the threshold bin is taken whole. Placement: each warp counts its keys above and at the threshold by
+// ballots, one block scan of the warp totals, then each warp walks its keys in order with ballot prefix counts.
+// Block-uniform; clobbers hist, misc[0..2]; ends after the scan's barrier.
+__device__ __forceinline__ int row_index(int j, int J) {
+    return (threadIdx.x >> 5) * 32 * J + 32 * j + (threadIdx.x & 31);
+}
+
+template <int PER, class Emit>
+__device__ __forceinline__ int select_registers(const unsigned (&key)[PER], int J, int k, int* hist, int* wbuf,
+                                                int* misc, int& par, Emit emit) {
+    static_assert(PER * THREADS < 65536, "the packed (above, equal) counts of the scan hold 16 bits each");
+    const int lane = threadIdx.x & 31;
+    int mine = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {  // every loop over the keys stops at J (block-uniform): short rows are cheap
+        if (j >= J) break;
+        mine += key[j] != 0u;
+    }
+    int valid;
+    block_excl_scan(mine, wbuf, par, valid);
+    unsigned thr = 0u;  // at most k valid: thr = 0 and need = 0 take every valid key
+    int need = 0;
+    if (valid > k) {
+        unsigned P = 0u;
+        int above = 0, top = 32;
+        need = -1;
+        while (top > 0 && need < 0) {
+            const int w = imin(11, top), sh = top - w;
+            const unsigned fixed = top >= 32 ? 0u : ~0u << top, dm = (1u << w) - 1u;
+            for (int i = threadIdx.x; i < NBINS; i += THREADS) hist[i] = 0;
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < PER; ++j) {
+                if (j >= J) break;
+                if (key[j] != 0u && (key[j] & fixed) == P) atomicAdd(&hist[(key[j] >> sh) & dm], 1);
+            }
+            __syncthreads();
+            find_bin(hist, k - above, misc, wbuf, par);
+            P |= (unsigned)misc[0] << sh;
+            above += misc[1];
+            top = sh;
+            if (misc[2] == k - above) {  // the whole bin is taken: every key >= P (P's low bits are 0)
+                thr = P - 1u;            // > 0: valid keys are >= 2^23
+                need = 0;
+            }
+        }
+        if (need < 0) {  // all 32 bits decided: thr is the k-th largest key, `need` of its equals are taken
+            thr = P;
+            need = k - above;
+        }
+    }
+    // This warp's keys above and at thr (lane 0 of the scan gets the warp's totals; the others add 0); the
+    // ballots are taken again below rather than kept (registers).
+    int g = 0, e = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        if (j >= J) break;
+        g += __popc(__ballot_sync(FULL_MASK, key[j] > thr));
+        e += __popc(__ballot_sync(FULL_MASK, key[j] == thr && key[j] != 0u));
+    }
+    int total;
+    const int excl = block_excl_scan(lane == 0 ? g | (e << 16) : 0, wbuf, par, total);
+    const int first = __shfl_sync(FULL_MASK, excl, 0);  // lane 0's prefix: the warps before this one
+    int gt = first & 0xffff, eq = first >> 16;
+    const unsigned below = (1u << lane) - 1u;  // lanes before this one
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        if (j >= J) break;
+        const bool above_thr = key[j] > thr, at_thr = key[j] == thr && key[j] != 0u;
+        const unsigned gm = __ballot_sync(FULL_MASK, above_thr), em = __ballot_sync(FULL_MASK, at_thr);
+        const int gb = gt + __popc(gm & below), eb = eq + __popc(em & below);
+        const int slot = above_thr ? gb + imin(eb, need) : gb + eb;
+        if ((above_thr || (at_thr && eb < need)) && slot < k) emit(slot, row_index(j, J));
+        gt += __popc(gm);
+        eq += __popc(em);
+    }
+    return valid;
+}

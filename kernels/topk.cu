@@ -91,7 +91,7 @@
 // column as its position (map_slots below), saving HISA a launch; with ascending block ids (top-m's output)
 // the positions stay ascending.
 
-// THREADS (512), NBINS, the keys, the block scan and the radix select:
+// THREADS (512), NBINS, the keys, the block scan and the radix select (shared with hisa_decode.cu):
 #include "select.cuh"
 
 #define KMAX 2048

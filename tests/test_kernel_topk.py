@@ -399,8 +399,9 @@ def test_kernel_slot_map(R, m, B, k, path):
 
 @gpu
 def test_slot_map_in_hisa_select():
-    """hisa.select on the GPU ends in the fused top-K: exactly the reference top-K and slot map applied to the
-    GPU's own block ids and candidate scores (so fp8 rounding cannot flip a near-tie between the two)."""
+    """hisa.select's four-kernel pipeline on the GPU ends in the fused top-K: exactly the reference top-K and slot
+    map applied to the GPU's own block ids and candidate scores (so fp8 rounding cannot flip a near-tie between
+    the two)."""
     import cupy as cp
     import hisa
     from kernels.fp8 import e4m3_encode, quantize_ue8m0
@@ -415,7 +416,7 @@ def test_slot_map_in_hisa_select():
     cache = {"k": cp.asarray(e4m3_encode(k8)), "k_scale": cp.asarray(ks[:, 0])}
     pooled = hisa.PooledKeys(cache, B)
     pooled.update(0, L)
-    got = hisa.select(q, qs, w, cache, pooled, ends, K, m).get()
+    got = hisa.select(q, qs, w, cache, pooled, ends, K, m, fused=False).get()  # the four-kernel pipeline
     blocks = topk(hisa.block_scores(q, qs, w, pooled, ends), m)
     cand = hisa_token_scores(q, w, cache["k"], blocks, B, ends, q_scale=qs, key_scale=cache["k_scale"])
     want = slots_to_positions_reference(topk_reference(cand.get(), K), blocks.get(), B, ends.get())
