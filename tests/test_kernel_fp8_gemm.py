@@ -1,13 +1,11 @@
 """FP8 block-scaled linear layer and its grouped form (a mixture of experts): the references against
 independent computations and the launch plans (CPU), the kernels against the references (GPU)."""
-import shutil
-import subprocess
-
 import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU, write_source
+from kernel_build import build_without_spills, needs_nvcc
+from kernels._cuda import HAVE_GPU
 from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
 from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, GV_CTAS_PER_SM, _gemv_partition, fp8_gemm_reference,
                               fp8_grouped_gemm_reference, fp8_grouped_linear, fp8_grouped_linear_reference, fp8_linear,
@@ -377,17 +375,10 @@ def test_grouped_plans(T, wgmma):
         assert plan_grouped(offsets, 4096, 7168, True).tiles.shape == (9, 3)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
 def test_kernel_compiles_without_spills(arch, tmp_path):
-    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-o", str(tmp_path / "fp8_gemm.cubin"),
-           write_source("fp8_gemm.cu", tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "warning" not in res.stderr.lower(), res.stderr
-    spills = [line for line in res.stderr.splitlines()
-              if "spill" in line and "0 bytes spill stores, 0 bytes spill loads" not in line]
-    assert not spills, "\n".join(spills)
+    build_without_spills("fp8_gemm.cu", arch, tmp_path)
 
 
 # --- GPU: the kernels against the reference -----------------------------------------------------------------

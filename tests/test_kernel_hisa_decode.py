@@ -2,24 +2,20 @@
 of the kernel against the references on the GPU: the block scores and candidate scores within the fp8
 tolerance of kernels/hisa_tokens' tests, and the kept blocks and the selected positions exactly what the
 reference top-m / top-K give on the kernel's own scores (so rounding cannot flip a near-tie between the two)."""
-import os
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
 import hisa
-from kernels._cuda import HAVE_GPU, write_source
+from kernels._cuda import HAVE_GPU
 from kernels import hisa_decode as hd
 from kernels.fp8 import e4m3_encode, quantize_ue8m0
 from kernels.hisa_tokens import hisa_token_scores_reference, slots_to_positions_reference
 from kernels.indexer import hisa_block_scores_reference
 from kernels.topk import topk_reference
+from kernel_build import build_without_spills, needs_nvcc
 from test_kernel_hisa_tokens import check_scores, score_magnitudes, slot_visibility
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: hisa_decode kernel parity runs on the GPU machine")
-NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
 
 def make_case(rng, T, Hi, Di, B, cap, n=None):
@@ -61,19 +57,12 @@ def test_plan():
     assert hd.ctas_per_query(3, 5, 132) == 5
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
 @pytest.mark.parametrize("Di", [32, 64, 96, 128])
 def test_kernel_compiles_without_spills(arch, Di, tmp_path):
     """Every HD_DI the launcher can ask for builds with no warning and no spill within one CTA of 512 threads."""
-    cmd = [NVCC, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", f"-DHD_DI={Di}",
-           "-o", str(tmp_path / "k.cubin"), write_source("hisa_decode.cu", tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "warning" not in res.stderr.lower(), res.stderr
-    spills = [line for line in res.stderr.splitlines()
-              if "spill" in line and "0 bytes spill stores, 0 bytes spill loads" not in line]
-    assert not spills, "\n".join(spills)
+    build_without_spills("hisa_decode.cu", arch, tmp_path, (f"HD_DI={Di}",))
 
 
 # --- GPU -------------------------------------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """HISA token stage: the references against naive loops (CPU), launch plans and ptxas budgets (CPU, nvcc),
 and hisa_tokens.cu's kernels against the references (GPU)."""
-import os
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU, write_source
+from kernel_build import build_without_spills, needs_nvcc
+from kernels._cuda import HAVE_GPU
 from kernels.fp8 import E4M3_TABLE, e4m3_encode, quantize_ue8m0
 from kernels import hisa_tokens as ht
 from kernels.hisa_tokens import force_blocks, hisa_token_scores, indexer_scores_f64, slots_to_positions
@@ -179,24 +176,14 @@ def test_mma_plans():
         assert per_cta % ht.NT == 0 and grid[1] * per_cta >= m * B > (grid[1] - 1) * per_cta
 
 
-NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
 @pytest.mark.parametrize("fp8,Di,Hi", [(True, 128, 64), (True, 64, 4), (True, 256, 8), (False, 128, 64),
                                        (False, 64, 32), (False, 32, 16), (True, 96, 16)])
 def test_kernels_compile_without_spills(arch, fp8, Di, Hi, tmp_path):
     """Every -D set the launcher can ask for builds with no warning and no spill (registers within the
     launch bounds: 2 CTAs of 256 threads for wgmma, 5 of 128 for mma.sync)."""
-    cmd = [NVCC, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v"] + [f"-D{d}" for d in ht.defines(fp8, Di, Hi)]
-    cmd += ["-o", str(tmp_path / "k.cubin"), write_source("hisa_tokens.cu", tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "warning" not in res.stderr.lower() and "performance loss" not in res.stderr.lower(), res.stderr
-    spills = [line for line in res.stderr.splitlines()
-              if "spill" in line and "0 bytes spill stores, 0 bytes spill loads" not in line]
-    assert not spills, "\n".join(spills)
+    build_without_spills("hisa_tokens.cu", arch, tmp_path, ht.defines(fp8, Di, Hi))
 
 
 # --- GPU: the kernels against the references ------------------------------------------------------------

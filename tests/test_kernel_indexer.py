@@ -1,12 +1,10 @@
 """DSA indexer scores: the reference against a naive loop (CPU), the kernels against the reference (GPU)."""
-import shutil
-import subprocess
-
 import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels._cuda import HAVE_GPU, write_source
+from kernel_build import build_without_spills, needs_nvcc
+from kernels._cuda import HAVE_GPU
 from kernels.fp8 import e4m3_decode, e4m3_encode, quantize_ue8m0
 from kernels.indexer import HEAD_DIMS, HEADS, hisa_block_scores, hisa_block_scores_reference, index_scores_reference, \
     key_splits, plan
@@ -222,17 +220,11 @@ def test_plan_rejects_unsupported_dims():
         plan(4, 100, 64, 96, True, False)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
 def test_kernel_compiles_without_spills(arch, tmp_path):
     for Hi, Di in [(64, 128), (4, 64)]:
-        cmd = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-DHI={Hi}", f"-DDI={Di}",
-               "-o", str(tmp_path / "indexer.cubin"), write_source("indexer.cu", tmp_path)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-        assert "warning" not in res.stderr.lower(), res.stderr
-        spills = [line for line in res.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")]
-        assert not spills, "\n".join(spills)
+        build_without_spills("indexer.cu", arch, tmp_path, (f"HI={Hi}", f"DI={Di}"))
 
 
 # --- GPU: the kernels against the reference --------------------------------------------------------

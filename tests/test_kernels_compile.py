@@ -7,16 +7,15 @@ in, so NVRTC gets one self-contained text. nvcc here builds that same text, and 
 import glob
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 
+from kernel_build import NVCC
 from kernels._cuda import KERNEL_DIR, PRELUDE, source as kernel_source, write_source
 
 KERNELS = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
 PRELUDES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cuh")))
-NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
 
 def test_there_are_kernels():
