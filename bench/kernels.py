@@ -22,7 +22,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cupy as cp  # noqa: E402  (GPU-only)
 
-from kernels.fp8_gemm import (_module, _num_sms, fp8_gemm_gpu, fp8_grouped_linear_gpu, fp8_linear_gpu, plan,  # noqa: E402
+from kernels._cuda import sm_count  # noqa: E402
+
+from kernels.fp8_gemm import (_module, fp8_gemm_gpu, fp8_grouped_linear_gpu, fp8_linear_gpu, plan,  # noqa: E402
                               plan_grouped, quantize_activations_gpu)
 from kernels.hisa_tokens import hisa_token_scores_gpu  # noqa: E402
 from kernels.indexer import index_scores_gpu  # noqa: E402
@@ -145,7 +147,7 @@ def splits_table():
     before key_splits took (old: ceil(4 SMs / query blocks), at most tiles / 2), and the flat DSA shapes
     (1024 queries over L keys), where both rules agree. Every query sees every key, as at the end of the
     context."""
-    sms = _num_sms()
+    sms = sm_count()
     print(f"index_scores fp8, Hi = 64, Di = 128; ms with host time / device ms; {sms} SMs")
     for T, N in ((1024, 256), (1024, 1024), (1024, 32768), (1024, 131072)):
         name, (qblocks, planned), _, _ = indexer_plan(T, N, 64, 128, True, True, sms)
@@ -226,7 +228,7 @@ def decode_table(lengths=(8192, 32768, 131072), queries=(1, 2, 4, 8, 16), layers
             same = np.mean([len(set(a[t]) & set(b[t])) / max(1, (b[t] >= 0).sum()) for t in range(T)])
             print(f"{L:>7} {T:>3} {fused:8.4f} {four:10.4f} {dsa:8.4f} {four / fused:8.2f}x {dsa / fused:9.2f}x "
                   f"{same:6.4f}", flush=True)
-            del caches
+            caches.clear()  # the lambdas above still name the list: empty it rather than delete it
             cp.get_default_memory_pool().free_all_blocks()
 
 
@@ -363,7 +365,7 @@ def fp8gemm_tables(T_prefill=4096):
             out = cp.empty((T, N), np.float32)
             ms = time_ms_queued(lambda w: fp8_gemm_gpu(x8, sx, w[0], w[1], out=out), pool)
             lin = time_ms(lambda w: fp8_linear_gpu(x, w[0], w[1], out=out), pool)
-            p = plan(T, N, K, False, _num_sms())
+            p = plan(T, N, K, False, sm_count())
             gbps = N * K / ms / 1e6
             print(f"{N:>6} {K:>6} {T:>3} {p.kernel:>13} {p.grid[0]:>5} {p.k_warps:>7} {p.pieces:>6} {ms:8.4f} "
                   f"{gbps:6.0f} {gbps / copy:7.2f} {lin:9.4f}")
@@ -499,7 +501,7 @@ def grouped_table(token_counts=(1, 8, 512, 4096), routings=4):
         counts = np.stack([np.diff(c[4]) for c in cases])
         rows, G = int(cases[0][4][-1]), int(counts.max())
         used = (counts > 0).sum(1).mean()  # experts whose weights a call reads, mean over the routings
-        name = plan_grouped(cases[0][4], 2 * F, D, has_wgmma, _num_sms()).kernel.replace("fp8_grouped_", "")
+        name = plan_grouped(cases[0][4], 2 * F, D, has_wgmma, sm_count()).kernel.replace("fp8_grouped_", "")
         reps = 10 if T <= 512 else 3
         lg = time_ms(lambda c: moe.mix(c[0], c[1], c[2]), cases, reps=reps)
         ll = time_ms(lambda c: per_expert_mix(moe, c[0], c[1], c[2]), cases, reps=reps)

@@ -48,6 +48,23 @@ def per_device(fn):
     return wrapper
 
 
+@per_device
+def device_attr(name):
+    """An attribute of the current GPU under CuPy's name for it ("MultiProcessorCount",
+    "MaxSharedMemoryPerBlockOptin", ...), read once per device."""
+    return cp.cuda.Device().attributes[name]
+
+
+def sm_count():
+    return device_attr("MultiProcessorCount")
+
+
+@per_device
+def compute_capability():
+    """The current GPU's compute capability as an int (90 for an H100 or H200)."""
+    return int(cp.cuda.Device().compute_capability)
+
+
 def device_of(a):
     """The id of the GPU holding array a, or None for a numpy array."""
     return a.device.id if is_gpu(a) else None

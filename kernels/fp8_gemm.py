@@ -36,7 +36,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, with_dynamic_smem, xp_of
+from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, sm_count, with_dynamic_smem, xp_of
 from kernels.fp8 import e4m3_decode, e4m3_encode, fp8_roundtrip, quantize_ue8m0
 
 BLOCK = 128       # channels per scale block, both operands
@@ -159,12 +159,6 @@ def _function(name):
     if "gemv" in name:  # the plan counts on GV_CTAS_PER_SM CTAs per SM: ask for all the shared memory there is
         return with_dynamic_smem(f, gv_smem(2 if name.endswith("t16") else 1), carveout=100)
     return f
-
-
-@per_device
-def _num_sms():
-    import cupy as cp
-    return cp.cuda.Device().attributes["MultiProcessorCount"]
 
 
 _counters = {}  # device id -> int32 tickets of the GEMV's cut keys, zero between launches
@@ -297,7 +291,7 @@ def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, ctas=None, k_warps
     check(path in ("auto", "wgmma", "mma"), f"fp8_gemm: path {path!r}, expected auto, wgmma or mma")
     has_wgmma = _module()[1]
     check(path != "wgmma" or has_wgmma, "fp8_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
-    p = plan(T, N, K, has_wgmma and path != "mma", _num_sms(), ctas, k_warps)
+    p = plan(T, N, K, has_wgmma and path != "mma", sm_count(), ctas, k_warps)
     vec = np.int32(K % 16 == 0 and w8.data.ptr % 16 == 0)  # else byte loads: correct, slow, never a real layer
     if p.kernel == "fp8_gemm_wgmma":
         _function(p.kernel)(p.grid, p.block, (x8, sx, w8, w_scale, out, np.int32(T), np.int32(N), np.int32(K), vec,
@@ -451,7 +445,7 @@ def fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, *, out=None, path=None, c
     check(path in ("auto", "wgmma", "mma"), f"fp8_grouped_gemm: path {path!r}, expected auto, wgmma or mma")
     has_wgmma = _module()[1]
     check(path != "wgmma" or has_wgmma, "fp8_grouped_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
-    p = plan_grouped(offsets, N, K, has_wgmma and path != "mma", _num_sms(), ctas, k_warps)
+    p = plan_grouped(offsets, N, K, has_wgmma and path != "mma", sm_count(), ctas, k_warps)
     tiles = cp.asarray(p.tiles)  # a few KB from the host; freed to CuPy's pool, reused only after this launch
     n_tiles = np.int32(len(tiles))
     vec = np.int32(K % 16 == 0 and w8.data.ptr % 16 == 0)  # then every expert's rows are 16-byte aligned too

@@ -21,7 +21,8 @@ import functools
 
 import numpy as np
 
-from kernels._cuda import check, is_gpu, module, per_device, want, with_dynamic_smem
+from kernels._cuda import (check, compute_capability, device_attr, is_gpu, module, per_device, sm_count, want,
+                           with_dynamic_smem)
 from kernels.hisa_tokens import hisa_token_scores_reference, slots_to_positions_reference
 from kernels.indexer import hisa_block_scores_reference
 from kernels.topk import topk_reference
@@ -57,19 +58,9 @@ def ctas_per_query(T, m, n_sm):
     return max(1, min(m, n_sm // max(T, 1)))
 
 
-@per_device
-def _device_limits():
-    """(SM count, shared memory a CTA may opt into, compute capability) of the current GPU."""
-    import cupy as cp
-    dev = cp.cuda.Device()
-    attr = cp.cuda.runtime.deviceGetAttribute
-    sm_count, smem_optin = 16, 97  # cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin
-    return attr(sm_count, dev.id), attr(smem_optin, dev.id), int(dev.compute_capability)
-
-
 def why_not(T, Hi, Di, fp8, n, m, B, K):
     """None when the fused kernel takes this call on the current GPU, else the reason it does not."""
-    n_sm, optin, cc = _device_limits()
+    n_sm, optin, cc = sm_count(), device_attr("MaxSharedMemoryPerBlockOptin"), compute_capability()
     smem = smem_bytes(m, Di)
     return ("needs fp8 q and keys (e4m3 with scales)" if not fp8 else
             f"needs sm_89 or later for e4m3 mma.sync (this GPU: sm_{cc})" if cc < 89 else
@@ -87,7 +78,7 @@ def _kernel(Di):
     """The kernel for rows of Di bytes, opted into all the shared memory a CTA may have: the size a call needs
     varies with its shape, and the opt-in belongs to the function, not to one launch."""
     f = module("hisa_decode.cu", (f"HD_DI={Di}",)).get_function("hisa_decode_select")
-    return with_dynamic_smem(f, _device_limits()[1])
+    return with_dynamic_smem(f, device_attr("MaxSharedMemoryPerBlockOptin"))
 
 
 _sync_buffers = {}  # (device, stream) -> int32 [2 T]: zero at each launch, and the kernel leaves it zero
@@ -108,7 +99,7 @@ def _plan(device, T, Hi, Di, n, m, B, K):
     reason = why_not(T, Hi, Di, True, n, m, B, K)
     check(reason is None, f"hisa_decode_select: the fused kernel {reason}")
     smem = smem_bytes(m, Di)
-    return _kernel(Di), (ctas_per_query(T, m, _device_limits()[0]), T), smem
+    return _kernel(Di), (ctas_per_query(T, m, sm_count()), T), smem
 
 
 def select_gpu(q, q_scale, w, pooled_k, pooled_scale, n, keys, key_scale, ends, B, m, K, *, G=None, stages=False,
@@ -157,8 +148,8 @@ def select_gpu(q, q_scale, w, pooled_k, pooled_scale, n, keys, key_scale, ends, 
     elif T:
         fn, grid, smem = _plan(cp.cuda.Device().id, T, Hi, Di, n, m, B, K)
         if G is not None:
-            check(G >= 1 and T * G <= _device_limits()[0],
-                  f"hisa_decode_select: G = {G} CTAs a query, at most {_device_limits()[0] // T} resident")
+            check(G >= 1 and T * G <= sm_count(),
+                  f"hisa_decode_select: G = {G} CTAs a query, at most {sm_count() // T} resident")
             grid = (int(G), T)
         i32 = np.int32
         lgB = B.bit_length() - 1 if B & (B - 1) == 0 else -1

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kernels._cuda import check, is_gpu, kernel, module_sm90a, per_device, want, with_dynamic_smem, xp_of
+from kernels._cuda import check, is_gpu, kernel, module_sm90a, per_device, sm_count, want, with_dynamic_smem, xp_of
 from kernels.fp8 import E4M3_TABLE
 
 
@@ -137,12 +137,6 @@ def _what(a):
     return f"{type(a).__name__} {getattr(a, 'shape', '')}"
 
 
-@per_device
-def _sm_count():
-    import cupy as cp
-    return cp.cuda.Device().attributes["MultiProcessorCount"]
-
-
 def _bits_u16(a):
     """bf16 arrays as their bit patterns (uint16); anything else unchanged (dtype.name is slow: asked last)."""
     d = a.dtype
@@ -249,7 +243,7 @@ def _launch(device, T, Hi, Di, fp8, m, B, cap, path, splits):
     wgmma = path != "mma" and row_bytes in WGMMA_ROWS and _module(defs)[1]
     check(path != "wgmma" or wgmma, f"hisa_token_scores: the wgmma kernel needs an sm_90 GPU (sm_90a build) and "
                                     f"rows of {WGMMA_ROWS} bytes (here {row_bytes})")
-    name, grid, block, smem, per_cta = plan(T, Hi, Di, fp8, m, B, wgmma, _sm_count(), splits)
+    name, grid, block, smem, per_cta = plan(T, Hi, Di, fp8, m, B, wgmma, sm_count(), splits)
     i32 = np.int32
     if wgmma:
         lgB = B.bit_length() - 1 if B & (B - 1) == 0 else -1  # shift instead of divide for power-of-two B

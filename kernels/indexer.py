@@ -17,7 +17,7 @@ import functools
 
 import numpy as np
 
-from kernels._cuda import check, is_gpu, module_sm90a, per_device, want, with_dynamic_smem, xp_of
+from kernels._cuda import check, is_gpu, module_sm90a, per_device, sm_count, want, with_dynamic_smem, xp_of
 from kernels.fp8 import e4m3_decode
 from kernels.hisa_tokens import force_blocks_reference
 
@@ -104,12 +104,6 @@ def _module(Hi, Di):
 def _function(Hi, Di, name, smem):
     """The kernel, opted into `smem` bytes of dynamic shared memory."""
     return with_dynamic_smem(_module(Hi, Di)[0].get_function(name), smem)
-
-
-@per_device
-def _num_sms():
-    import cupy as cp
-    return cp.cuda.Device().attributes["MultiProcessorCount"]
 
 
 def _check_dims(Hi, Di):
@@ -231,7 +225,7 @@ def _launch_config(device, Hi, Di, fp8, small, path):
     name, threads, smem, qcta, bk, q_bytes, tile_bytes, ctas = _layout(Hi, Di, fp8, has_wgmma and path != "mma",
                                                                        small)
     return (_function(Hi, Di, name, smem), (threads,), smem, np.int32(smem), qcta, bk, q_bytes, tile_bytes, ctas,
-            _num_sms())
+            sm_count())
 
 
 def _scores_gpu(who, q, w, k, n, ends, q_scale, k_scale, starts, out, path, splits, check_ranges, end_div, force):

@@ -20,7 +20,7 @@ Two numerics, chosen by the caller:
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, per_device, xp_of
+from kernels._cuda import check, check_array, device_attr, is_gpu, kernel, xp_of
 
 NC = 32  # selected rows per chunk in sparse_mla.cu (both kernels)
 NUMERICS = ("fp32", "bf16")
@@ -69,12 +69,6 @@ def sparse_mla_reference(q_abs, q_pe, c_kv, k_pe, idx, scale, numerics="fp32"):
 # --- GPU launcher --------------------------------------------------------------------------------------
 
 _configured = set()  # (device, kernel defines) whose dynamic shared memory limit was raised
-
-
-@per_device
-def _device_attr(name):
-    import cupy as cp
-    return cp.cuda.Device().attributes[name]
 
 
 def smem_bytes(Dc, R, HG):
@@ -132,7 +126,7 @@ def sparse_mla_gpu(q_abs, q_pe, c_kv, k_pe, idx, scale, numerics="fp32"):
         smem = smem_bytes(Dc, R, HG)
         defines = (f"SM_DC={Dc}", f"SM_R={R}", f"SM_HG={HG}", f"SM_NT={NT}")
         name = "sparse_mla_attend"
-    limit = _device_attr("MaxSharedMemoryPerBlockOptin")
+    limit = device_attr("MaxSharedMemoryPerBlockOptin")
     check(smem <= limit, f"sparse_mla: needs {smem} bytes of shared memory (Dc {Dc}, R {R}), the GPU allows {limit}")
 
     out = cp.full((T, H, Dc), np.nan, np.float32)  # NaN: an unwritten element shows up in tests
@@ -142,7 +136,7 @@ def sparse_mla_gpu(q_abs, q_pe, c_kv, k_pe, idx, scale, numerics="fp32"):
     groups = -(-H // HG)
     chunks = -(-K // NC)
     base = T * groups
-    sm = _device_attr("MultiProcessorCount")
+    sm = device_attr("MultiProcessorCount")
     nsplit = 1 if chunks <= 1 or base >= sm else min(sm // base, chunks)
     per_split = max(1, -(-chunks // nsplit))
     nsplit = max(1, -(-chunks // per_split))

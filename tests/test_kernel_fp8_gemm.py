@@ -618,9 +618,10 @@ def run_grouped(x8, sx, w8, ws, offsets, path, ctas=None, k_warps=None, what="")
     """The grouped launch into a NaN-poisoned output (every element must be written), checked against the
     grouped reference with the tolerance of the kernel the plan picks. Returns (y, kernel name)."""
     import cupy as cp
-    from kernels.fp8_gemm import _module, _num_sms, fp8_grouped_gemm_gpu
+    from kernels._cuda import sm_count
+    from kernels.fp8_gemm import _module, fp8_grouped_gemm_gpu
     R, N = x8.shape[0], w8.shape[1]
-    name = plan_grouped(offsets, N, w8.shape[2], _module()[1] and path != "mma", _num_sms(), ctas, k_warps).kernel
+    name = plan_grouped(offsets, N, w8.shape[2], _module()[1] and path != "mma", sm_count(), ctas, k_warps).kernel
     out = cp.full((R, N), np.nan, np.float32)
     got = fp8_grouped_gemm_gpu(x8, sx, w8, ws, offsets, out=out, path=path, ctas=ctas, k_warps=k_warps)
     assert got is out
