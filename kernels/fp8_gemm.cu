@@ -441,12 +441,12 @@ __device__ __forceinline__ void gv_key_end(const float (&acc)[2][NT][4], long lo
     const int tl = i / (NR / 4), r4 = 4 * (i % (NR / 4));
     const float* at = ws + tl * NR + r4;
     float4 v = ld_cg4(at + first * piece);
-    for (long long cc = c0 + 1; cc <= c1; cc += 4) {  // 4 loads in flight, added in CTA order
-      float4 p[4];
+    for (long long cc = c0 + 1; cc <= c1; cc += 8) {  // 8 loads in flight (a narrow layer's 9 pieces: one round
+      float4 p[8];                                     // trip), added in CTA order
 #pragma unroll
-      for (int k = 0; k < 4; ++k) p[k] = cc + k <= c1 ? ld_cg4(at + 2 * (cc + k) * piece) : make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int k = 0; k < 8; ++k) p[k] = cc + k <= c1 ? ld_cg4(at + 2 * (cc + k) * piece) : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
+      for (int k = 0; k < 8; ++k)
         if (cc + k <= c1) v = add4(v, p[k]);
     }
     store_y(tl, r4, v);
@@ -558,9 +558,11 @@ extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_grouped_gemv_t16
 // ---------------------------------------------------------------------------------------------------
 // Prefill GEMM on wgmma (sm_90a only): warp-specialised and persistent
 //
-// Tiling. A CTA tile is 128 tokens x 128 weight rows (so one weight-scale row), K in steps of one 128-channel
-// block. One K block of a tile is two 16 KB operand tiles, 128 rows of 128 bytes each in the wgmma 128-byte
-// swizzle: A = x8[m0 .. m0 + 127, 128 kb ..] and B = w8[n0 .. n0 + 127, 128 kb ..].
+// Tiling. A CTA tile is 128 tokens x BN weight rows, K in steps of one 128-channel block. One K block of a tile
+// is two operand tiles of 128-byte rows in the wgmma 128-byte swizzle: A = x8[m0 .. m0 + 127, 128 kb ..] (16 KB)
+// and B = w8[n0 .. n0 + BN - 1, 128 kb ..]. BN is 128 (one weight-scale row a tile), or 96 where that fills the
+// SMs better (plan(): 576 rows make 5 tiles of 128, the last half empty, against 6 full ones of 96). A tile of
+// 96 rows may straddle two weight-scale rows: its columns from 128 - n0 % 128 on take the second.
 //
 // Roles: 384 threads, 1 CTA per SM.
 //   producer, warpgroup 2 (threads 256..383): fills a ring of GM_STAGES slots, each one K block's A and B
@@ -594,7 +596,6 @@ extern "C" __global__ void __launch_bounds__(GV_THREADS, 2) fp8_grouped_gemv_t16
 // 1024-byte swizzle atom: 193 KB at 6 stages (a CTA may have 227 KB).
 
 #define GM_BM 128     // tokens per CTA tile (2 consumer warpgroups x 64)
-#define GM_BN 128     // weight rows per CTA tile: one weight scale row
 #define GM_STAGES 6   // ring slots (K blocks in flight)
 #define GM_GROUP 8    // token tiles per raster group
 #define GM_TILE (128 * 128)  // bytes of one 128-row x 128-byte operand tile
@@ -625,13 +626,13 @@ __device__ __forceinline__ void load_x_tile(u32 dst, const u8* __restrict__ x8, 
   }
 }
 
-// Block kb of weight rows [row0, row0 + 128) into a swizzled tile; rows past N and columns past K are zeros.
+// Block kb of weight rows [row0, row0 + BN) into a swizzled tile; rows past N and columns past K are zeros.
 // VEC: cp.async only. Else plain loads and st.shared, which the caller must make visible to wgmma itself.
-template <bool VEC>
+template <bool VEC, int BN>
 __device__ __forceinline__ void load_w_tile(u32 dst, const u8* __restrict__ w8, int row0, int N, int K, int kb,
                                             int ptid) {
 #pragma unroll
-  for (int it = 0; it < 128 * 8 / GM_PRODUCERS; ++it) {
+  for (int it = 0; it < BN * 8 / GM_PRODUCERS; ++it) {
     const int i = ptid + it * GM_PRODUCERS, r = i / 8, x = i % 8;
     const int col = kb * 128 + x * 16;
     if constexpr (VEC) {
@@ -645,7 +646,7 @@ __device__ __forceinline__ void load_w_tile(u32 dst, const u8* __restrict__ w8, 
 }
 
 // Where tile i of the raster reads and writes: token rows m0 .. min(m0 + 128, end) - 1 (rows of x8, sx and y
-// from `end` on are neither read nor written) times weight rows 128 * tile_n .. + 127 of w8 / sw. Without a
+// from `end` on are neither read nor written) times weight rows BN * tile_n .. + BN - 1 of w8 / sw. Without a
 // tile table, token tile m of a plain product; with one (grouped), its row m = (expert e, first row, end of
 // e's rows), and w8 / sw offset to expert e.
 struct GmTile {
@@ -682,12 +683,12 @@ struct GmRing {
 };
 
 // Producer warpgroup: every K block of every tile of this CTA, in order, into the ring.
-template <bool VEC>
+template <bool VEC, int BN>
 __device__ __forceinline__ void gemm_producer(const GmRing& ring, const u8* __restrict__ x8,
                                               const u8* __restrict__ w8, const float* __restrict__ sw,
                                               const int* __restrict__ tiles, int tiles_m, int T, int N, int K) {
   const int ptid = threadIdx.x - GM_CONSUMERS;
-  const int KB = (K + 127) / 128, KP = KB * 128, tiles_n = (N + GM_BN - 1) / GM_BN;
+  const int KB = (K + 127) / 128, KP = KB * 128, tiles_n = (N + BN - 1) / BN;
   int s = 0;
   u32 phase = 0;
   for (int i = blockIdx.x; i < tiles_m * tiles_n; i += gridDim.x) {
@@ -695,7 +696,7 @@ __device__ __forceinline__ void gemm_producer(const GmRing& ring, const u8* __re
     for (int kb = 0; kb < KB; ++kb) {
       mbar_wait(ring.empty_bar(s), phase ^ 1);  // both consumer warpgroups are done with the slot's last use
       load_x_tile(ring.a_slot(s), x8, t.m0, t.end, KP, kb, ptid);
-      load_w_tile<VEC>(ring.b_slot(s), t.w8, t.tile_n * GM_BN, N, K, kb, ptid);
+      load_w_tile<VEC, BN>(ring.b_slot(s), t.w8, t.tile_n * BN, N, K, kb, ptid);
       if constexpr (VEC) {
         cp_async_mbar_arrive(ring.full_bar(s));
       } else {  // the weight went through st.shared: land the x copies too, then fence both for wgmma
@@ -709,12 +710,13 @@ __device__ __forceinline__ void gemm_producer(const GmRing& ring, const u8* __re
   cp_async_wait_all();  // no copy outlives its thread
 }
 
-// acc (wgmma_fp8_n128's D layout) -> y rows tA, tB (those < end), columns n0 + 8j + 2(lane%4) + {0,1} (< N).
+// acc (a wgmma D layout, BN columns) -> y rows tA, tB (those < end), columns n0 + 8j + 2(lane%4) + {0,1} (< N).
+template <int BN>
 __device__ __forceinline__ void store_tile(float* __restrict__ y, const float* acc, int tA, int tB, int end, int n0,
                                            int N, int lane) {
   const bool pairs = (N % 2) == 0;  // then (t * N + n) is even for even n: float2 stores are aligned
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < BN / 8; ++j) {
     const int n = n0 + 8 * j + 2 * (lane & 3);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -735,57 +737,67 @@ __device__ __forceinline__ void store_tile(float* __restrict__ y, const float* a
 }
 
 // Consumer warpgroups: the MMAs and promotion of tokens m0 + 64 wg .. + 63 of every tile of this CTA.
+template <int BN>
 __device__ __forceinline__ void gemm_consumer(const GmRing& ring, const float* __restrict__ sx,
                                               const u8* __restrict__ w8, const float* __restrict__ sw,
                                               float* __restrict__ y, const int* __restrict__ tiles, int tiles_m,
                                               int T, int N, int K) {
   const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wv = (tid >> 5) & 3;
-  const int KB = (K + 127) / 128, tiles_n = (N + GM_BN - 1) / GM_BN;
+  const int KB = (K + 127) / 128, tiles_n = (N + BN - 1) / BN;
   int s = 0;
   u32 phase = 0;
-  float acc[64], d[64];
+  float acc[BN / 2], d[BN / 2];
   for (int i = blockIdx.x; i < tiles_m * tiles_n; i += gridDim.x) {
     const GmTile t = gm_tile(i, tiles, tiles_m, tiles_n, w8, sw, T, N, K);
-    // This thread's accumulator rows (tokens) and the weight-scale row of the tile's 128 weight rows.
+    // This thread's accumulator rows (tokens), and the weight-scale rows of the tile's weight rows: sw0's, and
+    // from column `split` on (BN < 128 only) the next one's.
     const int tA = t.m0 + wg * 64 + wv * 16 + (lane >> 2), tB = tA + 8;
     const float* sxA = sx + (long long)(tA < t.end ? tA : 0) * KB;
     const float* sxB = sx + (long long)(tB < t.end ? tB : 0) * KB;
-    const float* swrow = t.sw + (long long)t.tile_n * KB;
+    const int n0 = t.tile_n * BN, split = 128 - n0 % 128;
+    const float* sw0 = t.sw + (long long)(n0 / 128) * KB;
+    const float* sw1 = sw0 + (split < BN && n0 + split < N ? KB : 0);
 #pragma unroll
-    for (int j = 0; j < 64; ++j) acc[j] = 0.f;
+    for (int j = 0; j < BN / 2; ++j) acc[j] = 0.f;
 
     for (int kb = 0; kb < KB; ++kb) {
       mbar_wait(ring.full_bar(s), phase);
       // The slot was written through the generic proxy (cp.async) and wgmma reads it through the async one.
       fence_proxy_async();
       // The scales are loaded before the MMAs are issued, and used after them: the MMAs hide their latency.
-      const float swb = ld_nc(swrow + kb);
-      const float mA = ld_nc(sxA + kb) * swb, mB = ld_nc(sxB + kb) * swb;
+      const float sw0b = ld_nc(sw0 + kb), sw1b = BN < 128 ? ld_nc(sw1 + kb) : sw0b;
+      const float xA = ld_nc(sxA + kb), xB = ld_nc(sxB + kb);
       const u32 a_tile = ring.a_slot(s) + wg * 64 * 128, b_tile = ring.b_slot(s);
-      fence_regs<64>(d);
+      fence_regs<BN / 2>(d);
       wgmma_fence();
 #pragma unroll
-      for (int c = 0; c < 4; ++c)  // the 32-byte k steps; the hardware applies the swizzle to +32c
-        wgmma_fp8_n128(d, make_desc<128>(a_tile + 32 * c), make_desc<128>(b_tile + 32 * c), c > 0);
+      for (int c = 0; c < 4; ++c) {  // the 32-byte k steps; the hardware applies the swizzle to +32c
+        const u64 da = make_desc<128>(a_tile + 32 * c), db = make_desc<128>(b_tile + 32 * c);
+        if constexpr (BN == 128) wgmma_fp8_n128(d, da, db, c > 0);
+        if constexpr (BN == 96) wgmma_fp8_n96(d, da, db, c > 0);
+      }
       wgmma_commit();
       wgmma_wait0();
-      fence_regs<64>(d);
+      fence_regs<BN / 2>(d);
       if (lane == 0) mbar_arrive(ring.empty_bar(s));  // this warp's reads of the slot are done
       if (++s == GM_STAGES) s = 0, phase ^= 1;
+      const float mA0 = xA * sw0b, mB0 = xB * sw0b, mA1 = xA * sw1b, mB1 = xB * sw1b;
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < BN / 8; ++j) {  // columns 8j ..: a multiple of 8, as split is
+        const float mA = 8 * j < split ? mA0 : mA1, mB = 8 * j < split ? mB0 : mB1;
         acc[4 * j + 0] += d[4 * j + 0] * mA;
         acc[4 * j + 1] += d[4 * j + 1] * mA;
         acc[4 * j + 2] += d[4 * j + 2] * mB;
         acc[4 * j + 3] += d[4 * j + 3] * mB;
       }
     }
-    store_tile(y, acc, tA, tB, t.end, t.tile_n * GM_BN, N, lane);
+    store_tile<BN>(y, acc, tA, tB, t.end, n0, N, lane);
   }
 }
 
 // The whole prefill kernel, plain (tiles == nullptr: token tiles of T rows) or grouped (tiles_m rows of the
-// tile table); a trap where wgmma was not built.
+// tile table), tiles of BN weight rows; a trap where wgmma was not built.
+template <int BN>
 __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx,
                                            const u8* __restrict__ w8, const float* __restrict__ sw,
                                            float* __restrict__ y, const int* __restrict__ tiles, int tiles_m, int T,
@@ -806,14 +818,15 @@ __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ x8, const floa
   __syncthreads();
   if (threadIdx.x >= GM_CONSUMERS) {
     if (vec)
-      gemm_producer<true>(ring, x8, w8, sw, tiles, tiles_m, T, N, K);
+      gemm_producer<true, BN>(ring, x8, w8, sw, tiles, tiles_m, T, N, K);
     else
-      gemm_producer<false>(ring, x8, w8, sw, tiles, tiles_m, T, N, K);
+      gemm_producer<false, BN>(ring, x8, w8, sw, tiles, tiles_m, T, N, K);
   } else {
-    gemm_consumer(ring, sx, w8, sw, y, tiles, tiles_m, T, N, K);
+    gemm_consumer<BN>(ring, sx, w8, sw, y, tiles, tiles_m, T, N, K);
   }
 }
 #else
+template <int BN>
 __device__ __forceinline__ void gemm_wgmma(const u8*, const float*, const u8*, const float*, float*, const int*, int,
                                            int, int, int, int, int) {
   trap();  // wgmma needs sm_90a: launching this elsewhere is a bug
@@ -825,7 +838,15 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
     fp8_gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
                    const float* __restrict__ sw, float* __restrict__ y, int T, int N, int K, int vec,
                    int smem_bytes) {
-  gemm_wgmma(x8, sx, w8, sw, y, nullptr, (T + GM_BM - 1) / GM_BM, T, N, K, vec, smem_bytes);
+  gemm_wgmma<128>(x8, sx, w8, sw, y, nullptr, (T + GM_BM - 1) / GM_BM, T, N, K, vec, smem_bytes);
+}
+
+// The same with tiles of 96 weight rows.
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
+    fp8_gemm_wgmma_n96(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
+                       const float* __restrict__ sw, float* __restrict__ y, int T, int N, int K, int vec,
+                       int smem_bytes) {
+  gemm_wgmma<96>(x8, sx, w8, sw, y, nullptr, (T + GM_BM - 1) / GM_BM, T, N, K, vec, smem_bytes);
 }
 
 // Grouped: rows of x8 sorted by expert, w8 [E, N, K] and sw [E, NB, KB] stacked, and n_mtiles token tiles
@@ -836,5 +857,5 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
     fp8_grouped_gemm_wgmma(const u8* __restrict__ x8, const float* __restrict__ sx, const u8* __restrict__ w8,
                            const float* __restrict__ sw, float* __restrict__ y, const int* __restrict__ tiles,
                            int n_mtiles, int N, int K, int vec, int smem_bytes) {
-  gemm_wgmma(x8, sx, w8, sw, y, tiles, n_mtiles, 0, N, K, vec, smem_bytes);
+  gemm_wgmma<128>(x8, sx, w8, sw, y, tiles, n_mtiles, 0, N, K, vec, smem_bytes);
 }

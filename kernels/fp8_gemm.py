@@ -44,7 +44,8 @@ DECODE_T = 16     # up to this many tokens the GEMV kernel runs (it is memory-bo
 GV_WARPS = 4      # warps per GEMV CTA                (fp8_gemm.cu GV_WARPS)
 GV_STAGES = 4     # cp.async ring slots per warp      (fp8_gemm.cu GV_STAGES)
 GV_CTAS_PER_SM = 2  # GEMV CTAs an SM holds: 2 x (gv_smem + 1 KB static + 1 KB reserved) <= 228 KB
-GM_TILE = 128     # tokens and weight rows per wgmma CTA tile
+GM_TILE = 128     # tokens per wgmma CTA tile, and its weight rows unless plan() takes 96
+GM_TILE_N = {128: "fp8_gemm_wgmma", 96: "fp8_gemm_wgmma_n96"}  # weight rows of a tile -> its kernel
 GM_STAGES = 6     # ring slots of x and W tiles        (fp8_gemm.cu GM_STAGES)
 GM_THREADS = 384  # 2 consumer + 1 producer warpgroup  (fp8_gemm.cu GM_THREADS)
 GM_SMEM = 2 * GM_STAGES * 128 * 128 + 2 * GM_STAGES * 8 + 1024  # tiles, mbarriers, alignment (fp8_gemm.cu GM_SMEM)
@@ -154,7 +155,7 @@ def _module():
 @per_device
 def _function(name):
     f = _module()[0].get_function(name)
-    if name.endswith("gemm_wgmma"):
+    if "gemm_wgmma" in name:
         return with_dynamic_smem(f, GM_SMEM)
     if "gemv" in name:  # the plan counts on GV_CTAS_PER_SM CTAs per SM: ask for all the shared memory there is
         return with_dynamic_smem(f, gv_smem(2 if name.endswith("t16") else 1), carveout=100)
@@ -176,16 +177,29 @@ def _tickets(n):
     return c
 
 
-def plan(T, N, K, wgmma, num_sms=132, ctas=None, k_warps=None):
-    """Plan of one fp8_gemm call on the GPU. ctas, k_warps: force the GEMV's partition (tests, benchmarks)."""
+def plan(T, N, K, wgmma, num_sms=132, ctas=None, k_warps=None, tile_n=None):
+    """Plan of one fp8_gemm call on the GPU. ctas, k_warps: force the GEMV's partition; tile_n: the wgmma tile's
+    weight rows, 128 or 96 (tests, benchmarks)."""
     check(T >= 1 and N >= 1 and K >= 1, f"fp8_gemm: T = {T}, N = {N}, K = {K}, all must be >= 1")
     KB = -(-K // BLOCK)
     if wgmma and T > DECODE_T:  # persistent: at most one CTA per SM, each loops over tiles
-        tiles = -(-N // GM_TILE) * -(-T // GM_TILE)
-        return Plan("fp8_gemm_wgmma", (min(tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 0, 1)
+        BN = tile_n or wgmma_tile_n(T, N, num_sms)
+        check(BN in GM_TILE_N, f"fp8_gemm: tile_n = {BN}, expected one of {sorted(GM_TILE_N)}")
+        tiles = -(-N // BN) * -(-T // GM_TILE)
+        return Plan(GM_TILE_N[BN], (min(tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 0, 1)
     nt = 1 if T <= 8 else 2
     C, kw, pieces = _gemv_partition(-(-T // (8 * nt)), N, KB, num_sms, ctas, k_warps)
     return Plan(f"fp8_gemv_t{8 * nt}", (C, 1, 1), (32 * GV_WARPS,), gv_smem(nt), kw, pieces)
+
+
+def wgmma_tile_n(T, N, num_sms):
+    """Weight rows of the wgmma tile, 128 or 96: 96 where its tiles take no more waves of num_sms CTAs than 128's.
+    A 96-row tile then costs less: ~0.93 of a 128-row one's time (H200; its x tile and per-block steps do not
+    shrink), so more waves of them lose. At T = 4096 on 132 SMs, of the released shapes only N = 576 takes 96:
+    6 x 32 = 192 tiles against 5 x 32 = 160, two waves each, the 128-row tiles' last one half empty."""
+    def waves(bn):
+        return -(-(-(-N // bn) * -(-T // GM_TILE)) // num_sms)
+    return 96 if waves(96) <= waves(128) else 128
 
 
 def _gemv_partition(Z, N, KB, num_sms, ctas=None, k_warps=None):
@@ -269,10 +283,10 @@ def quantize_activations_gpu(x, *, x8=None, sx=None):
     return x8, sx
 
 
-def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, ctas=None, k_warps=None):
+def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, ctas=None, k_warps=None, tile_n=None):
     """Launcher for fp8_gemm.cu's GEMM/GEMV. x8 uint8 [T, KP], sx fp32 [T, KB], w8 uint8 [N, K],
     w_scale fp32 [ceil(N/128), KB] -> y fp32 [T, N]. path: "auto" / "wgmma" / "mma" (None: DEFAULT_PATH);
-    ctas, k_warps: force the GEMV's partition (None: plan()'s choice)."""
+    ctas, k_warps: force the GEMV's partition, tile_n the wgmma tile's weight rows (None: plan()'s choice)."""
     import cupy as cp
     check_array(w8, "w8", np.uint8, ndim=2)
     N, K, KB = _weight_dims(w8, w_scale)
@@ -291,9 +305,9 @@ def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, ctas=None, k_warps
     check(path in ("auto", "wgmma", "mma"), f"fp8_gemm: path {path!r}, expected auto, wgmma or mma")
     has_wgmma = _module()[1]
     check(path != "wgmma" or has_wgmma, "fp8_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
-    p = plan(T, N, K, has_wgmma and path != "mma", sm_count(), ctas, k_warps)
+    p = plan(T, N, K, has_wgmma and path != "mma", sm_count(), ctas, k_warps, tile_n)
     vec = np.int32(K % 16 == 0 and w8.data.ptr % 16 == 0)  # else byte loads: correct, slow, never a real layer
-    if p.kernel == "fp8_gemm_wgmma":
+    if p.kernel in GM_TILE_N.values():
         _function(p.kernel)(p.grid, p.block, (x8, sx, w8, w_scale, out, np.int32(T), np.int32(N), np.int32(K), vec,
                                               np.int32(p.smem)), shared_mem=p.smem)
         return out

@@ -7,10 +7,11 @@ import pytest
 from kernel_build import build_without_spills, needs_nvcc
 from kernels._cuda import HAVE_GPU
 from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
-from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, GV_CTAS_PER_SM, _gemv_partition, fp8_gemm_reference,
-                              fp8_grouped_gemm_reference, fp8_grouped_linear, fp8_grouped_linear_reference, fp8_linear,
+from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, GM_TILE_N, GV_CTAS_PER_SM, _gemv_partition,
+                              fp8_gemm_reference, fp8_grouped_gemm_reference, fp8_grouped_linear,
+                              fp8_grouped_linear_reference, fp8_linear,
                               fp8_linear_reference, group_tiles, gv_smem, plan, plan_grouped, quantize_activations,
-                              quantize_activations_reference)
+                              quantize_activations_reference, wgmma_tile_n)
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: fp8 GEMM kernel parity runs on the GPU machine")
 
@@ -174,8 +175,9 @@ def test_plans(wgmma):
             p = plan(T, N, K, wgmma)
             KB = -(-K // 128)
             if wgmma and T > DECODE_T:  # persistent: one CTA per SM at most, never more CTAs than tiles
-                assert p.kernel == "fp8_gemm_wgmma" and p.smem == GM_SMEM <= 227 * 1024 and p.block == (GM_THREADS,)
-                assert p.grid == (min(-(-N // 128) * -(-T // 128), 132), 1, 1) and p.pieces == 1
+                bn = wgmma_tile_n(T, N, 132)
+                assert p.kernel == GM_TILE_N[bn] and p.smem == GM_SMEM <= 227 * 1024 and p.block == (GM_THREADS,)
+                assert p.grid == (min(-(-N // bn) * -(-T // 128), 132), 1, 1) and p.pieces == 1
             else:
                 nt = 1 if T <= 8 else 2
                 assert p.kernel == f"fp8_gemv_t{8 * nt}" and p.block == (128,) and p.smem == gv_smem(nt)
@@ -190,6 +192,12 @@ def test_plans(wgmma):
     wide, narrow = plan(1, 18432, 7168, False), plan(1, 576, 7168, False)
     assert wide.grid[0] == 264 and wide.k_warps == 1 and wide.pieces <= 4
     assert narrow.grid[0] == 132 and narrow.k_warps == 4 and 1 < narrow.pieces <= 9
+    # prefill: tiles of 96 weight rows only where they leave the busiest SM fewer rows to multiply
+    assert [wgmma_tile_n(4096, N, 132) for N, _ in RELEASED] == [128, 128, 128, 96, 128]
+    assert wgmma_tile_n(4096, 18432, 132) == 128 and wgmma_tile_n(128, 1536, 132) == 96  # one wave either way
+    assert plan(4096, 576, 7168, True, tile_n=128).kernel == "fp8_gemm_wgmma"
+    with pytest.raises(ValueError, match="tile_n = 64"):
+        plan(4096, 576, 7168, True, tile_n=64)
     forced = plan(3, 200, 300, False, ctas=5, k_warps=2)
     assert forced.grid[0] == 5 and forced.k_warps == 2
     assert plan(3, 200, 300, False, ctas=10**6, k_warps=1).grid[0] == 2 * 3  # at most one CTA per unit
@@ -415,15 +423,15 @@ def gpu_case(T, N, K, seed, bf16=False):
     return x, w8, ws, x8, sx, fp8_gemm_reference(x8, sx, w8, ws), magnitude(x8, sx, w8, ws)
 
 
-def run_gemm(T, N, K, path, seed=0, ctas=None, k_warps=None):
+def run_gemm(T, N, K, path, seed=0, ctas=None, k_warps=None, tile_n=None):
     import cupy as cp
     from kernels.fp8_gemm import fp8_gemm_gpu
     _, w8, ws, x8, sx, ref, mag = gpu_case(T, N, K, seed)
     out = cp.full((T, N), np.nan, np.float32)  # poison: every element must be written
-    got = fp8_gemm_gpu(x8, sx, w8, ws, out=out, path=path, ctas=ctas, k_warps=k_warps)
+    got = fp8_gemm_gpu(x8, sx, w8, ws, out=out, path=path, ctas=ctas, k_warps=k_warps, tile_n=tile_n)
     assert got is out
     assert_close(cp.asnumpy(got), cp.asnumpy(ref), cp.asnumpy(mag), MTOL[path if T > DECODE_T else "mma"],
-                 f"{path} T={T} N={N} K={K} ctas={ctas} k_warps={k_warps}")
+                 f"{path} T={T} N={N} K={K} ctas={ctas} k_warps={k_warps} tile_n={tile_n}")
     return got
 
 
@@ -468,6 +476,21 @@ def test_decode_partitions(N, K, T, ctas, k_warps):
     a = run_gemm(T, N, K, "mma", seed=T + N, ctas=ctas, k_warps=k_warps)
     b = run_gemm(T, N, K, "mma", seed=T + N, ctas=ctas, k_warps=k_warps)
     assert cp.array_equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("tile_n", [128, 96])
+@pytest.mark.parametrize("T,N,K", [(4096, 576, 7168), (300, 1000, 2048), (130, 129, 130), (17, 200, 304),
+                                   (200, 96, 256), (40, 300, 7168)])
+def test_wgmma_tile_rows(T, N, K, tile_n):
+    """The wgmma kernel at either tile: 96-row tiles straddle weight-scale rows (rows 96..191 take scale rows 0
+    and 1; 576 = 6 x 96, 1000 and 300 ragged, 96 one tile, 129 / 200 a partial second), with 16-byte and byte
+    loads (K = 130). Against the reference, then bit-identical when repeated."""
+    if "wgmma" not in gpu_paths():
+        pytest.skip("needs an sm_90 GPU")
+    import cupy as cp
+    first = run_gemm(T, N, K, "wgmma", seed=T + N + K, tile_n=tile_n)
+    assert cp.array_equal(run_gemm(T, N, K, "wgmma", seed=T + N + K, tile_n=tile_n), first)
 
 
 @gpu
