@@ -88,6 +88,21 @@ def to_device(a, device):
     return b
 
 
+_zeroed = {}  # (name, device, stream) -> int32 counters, zero between launches
+
+
+def zeroed_counters(name, n):
+    """At least n int32 counters, zero, for the kernels that meet or take tickets through global atomics and
+    reset the counters they used before they finish: one array per name, GPU and stream, made zero once. Launches
+    on one stream run in order, so each finds its counters zero; launches on two streams may overlap, and get
+    two arrays. A larger n replaces the array (the stream's later launches use the new one)."""
+    key = (name, cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+    c = _zeroed.get(key)
+    if c is None or c.size < n:
+        c = _zeroed[key] = cp.zeros(n, np.int32)
+    return c
+
+
 # --- Compiling and launching -------------------------------------------------------------------------
 
 PRELUDE = re.compile(r'^#include "(\w+\.cuh)"$', re.M)  # a whole line of a .cu: paste kernels/<name> here

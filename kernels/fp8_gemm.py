@@ -36,7 +36,8 @@ from collections import namedtuple
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, module_sm90a, per_device, sm_count, with_dynamic_smem, xp_of
+from kernels._cuda import (check, check_array, is_gpu, module_sm90a, per_device, sm_count, with_dynamic_smem, xp_of,
+                           zeroed_counters)
 from kernels.fp8 import e4m3_decode, e4m3_encode, fp8_roundtrip, quantize_ue8m0
 
 BLOCK = 128       # channels per scale block, both operands
@@ -162,19 +163,9 @@ def _function(name):
     return f
 
 
-_counters = {}  # device id -> int32 tickets of the GEMV's cut keys, zero between launches
-
-
 def _tickets(n):
-    """At least n zeroed int32 counters on the current device. Each GEMV launch's last CTAs reset the ones they
-    used, so one array serves every launch of a stream (launches on several streams at once would share
-    tickets: this engine uses one)."""
-    import cupy as cp
-    dev = cp.cuda.Device().id
-    c = _counters.get(dev)
-    if c is None or c.size < n:
-        c = _counters[dev] = cp.zeros(max(n, 4096), np.int32)
-    return c
+    """A ticket for each of n keys: each GEMV launch's last CTA of a cut key resets its ticket."""
+    return zeroed_counters("gemv_tickets", max(n, 4096))
 
 
 def plan(T, N, K, wgmma, num_sms=132, ctas=None, k_warps=None, tile_n=None):

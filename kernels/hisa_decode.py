@@ -22,7 +22,7 @@ import functools
 import numpy as np
 
 from kernels._cuda import (check, compute_capability, device_attr, is_gpu, module, per_device, sm_count, want,
-                           with_dynamic_smem)
+                           with_dynamic_smem, zeroed_counters)
 from kernels.hisa_tokens import hisa_token_scores_reference, slots_to_positions_reference
 from kernels.indexer import hisa_block_scores_reference
 from kernels.topk import topk_reference
@@ -79,18 +79,6 @@ def _kernel(Di):
     varies with its shape, and the opt-in belongs to the function, not to one launch."""
     f = module("hisa_decode.cu", (f"HD_DI={Di}",)).get_function("hisa_decode_select")
     return with_dynamic_smem(f, device_attr("MaxSharedMemoryPerBlockOptin"))
-
-
-_sync_buffers = {}  # (device, stream) -> int32 [2 T]: zero at each launch, and the kernel leaves it zero
-
-
-def _sync_counters(T):
-    import cupy as cp
-    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
-    buf = _sync_buffers.get(key)
-    if buf is None or buf.size < 2 * T:
-        buf = _sync_buffers[key] = cp.zeros(2 * T, np.int32)
-    return buf
 
 
 @functools.lru_cache(maxsize=256)
@@ -153,8 +141,9 @@ def select_gpu(q, q_scale, w, pooled_k, pooled_scale, n, keys, key_scale, ends, 
             grid = (int(G), T)
         i32 = np.int32
         lgB = B.bit_length() - 1 if B & (B - 1) == 0 else -1
+        sync = zeroed_counters("hisa_decode", 2 * T)  # the kernel's two meetings a query
         fn(grid, (THREADS,), (q, q_scale, w, pooled_k, pooled_scale, i32(n), keys, key_scale, i32(cap), ends,
-                              i32(Hi), i32(B), i32(lgB), i32(m), i32(K), J, kept, cand, out, _sync_counters(T)),
+                              i32(Hi), i32(B), i32(lgB), i32(m), i32(K), J, kept, cand, out, sync),
            shared_mem=smem)
     return (out, J, kept, cand) if stages else out
 

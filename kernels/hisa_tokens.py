@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kernels._cuda import check, is_gpu, kernel, module_sm90a, per_device, sm_count, want, with_dynamic_smem, xp_of
+from kernels._cuda import (check, is_gpu, kernel, module_sm90a, per_device, sm_count, want, with_dynamic_smem, xp_of,
+                           zeroed_counters)
 from kernels.fp8 import E4M3_TABLE
 
 
@@ -289,14 +290,6 @@ def _blocks_launch(device, T, Hi, Di, fp8, m, B, cap, path):
                         nbk)
 
 
-@per_device
-def _bucket_counters():
-    """The bucketing's counters, zeroed once: hisa_bucket_count leaves them zeroed after every call. Calls on
-    one stream run in order; the launchers use the current stream, like every CuPy operation."""
-    import cupy as cp
-    return cp.zeros(MAX_BUCKETS + 2, np.int32)
-
-
 def bucket_pairs(launch, blocks, ends, T, m, B, cap, q=None, qs=None, w=None):
     """hisa_bucket_count + hisa_bucket_scatter -> (items int32 [n_max, 4], pairs int32 [T*m], n_items int32 [1]),
     all on the device (n_items[0] <= n_max items are valid); given q [T, Hi, Di] with qs and w, the scatter
@@ -315,8 +308,9 @@ def bucket_pairs(launch, blocks, ends, T, m, B, cap, q=None, qs=None, w=None):
     i32 = np.int32
     per_cta = BUCKET_THREADS * BUCKET_PAIRS
     shape = (blocks, ends, i32(T), i32(m), i32(B), i32(nbk), i32(cap))
+    counters = zeroed_counters("hisa_bucket", MAX_BUCKETS + 2)
     launch.count((-(-T * m // per_cta),), (BUCKET_THREADS,),
-                 shape + (i32(BLOCK_QCH), _bucket_counters(), fill, items, i32(n_max), n_items))
+                 shape + (i32(BLOCK_QCH), counters, fill, items, i32(n_max), n_items))
     chunks = T * img // 16
     grid = max(-(-T * m // per_cta), -(-chunks // BUCKET_THREADS))
     q_args = (blocks, blocks, blocks, i32(1)) if q is None else (q, qs, w, i32(q.shape[1]))

@@ -17,7 +17,7 @@ import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, want
+from kernels._cuda import check, check_array, is_gpu, kernel, want, zeroed_counters
 from kernels.hisa_tokens import slots_to_positions_reference
 
 THREADS = 512           # per CTA, two CTAs per SM (topk.cu)
@@ -105,19 +105,18 @@ def _short_kernel(device_id):
     return fn
 
 
-_split_buffers = {}  # (device, stream) -> (gcount, gcand): the kernel leaves gcount zero after each launch
+_split_candidates = {}  # (device, stream) -> the split path's candidate buffer
 
 
 def _split_scratch(R, cap):
+    """(gcount, gcand) of the split path: 2 R counters the kernel leaves zero after each launch, and its
+    candidates' buffer."""
     import cupy as cp
     key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
-    gcount, gcand = _split_buffers.get(key, (None, None))
-    if gcount is None or gcount.size < 2 * R:
-        gcount = cp.zeros(2 * R, np.int32)
+    gcand = _split_candidates.get(key)
     if gcand is None or gcand.size < 2 * R * cap:
-        gcand = cp.empty(2 * R * cap, np.uint32)
-    _split_buffers[key] = (gcount, gcand)
-    return gcount, gcand
+        gcand = _split_candidates[key] = cp.empty(2 * R * cap, np.uint32)
+    return zeroed_counters("topk_split", 2 * R), gcand
 
 
 def _check_map(N, blocks, B, ends):

@@ -766,3 +766,18 @@ def test_grouped_gpu_bad_inputs():
         fp8_grouped_gemm_gpu(x8, sx, w8, ws, [0, 1, 4], out=cp.empty((4, 199), np.float32))
     with pytest.raises(ValueError, match="path 'fast'"):
         fp8_grouped_gemm_gpu(x8, sx, w8, ws, [0, 1, 4], path="fast")
+
+
+@gpu
+def test_gemv_tickets_per_stream():
+    """Each stream has its own GEMV tickets (kernels._cuda.zeroed_counters), left zero by every launch: a GEMV
+    whose keys are cut (576 x 7168 at one token: 9 pieces a key) on a side stream, then on the current one."""
+    import cupy as cp
+    from kernels._cuda import zeroed_counters
+    with cp.cuda.Stream():
+        a = run_gemm(1, 576, 7168, "mma", seed=3)
+        side = zeroed_counters("gemv_tickets", 1)
+        cp.cuda.get_current_stream().synchronize()
+    b = run_gemm(1, 576, 7168, "mma", seed=3)
+    assert side is not zeroed_counters("gemv_tickets", 1)
+    assert cp.array_equal(a, b) and not cp.any(side) and not cp.any(zeroed_counters("gemv_tickets", 1))
