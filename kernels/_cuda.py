@@ -190,9 +190,11 @@ def kernel(filename, name, defines=()):
 
 
 def check(cond, message):
-    """Launcher precondition: a clear ValueError instead of a wrong answer or a device fault."""
+    """Launcher precondition: a clear ValueError instead of a wrong answer or a device fault. message: the text, or
+    a function that makes it (`lambda: f"..."`), so that a check on every launch formats nothing until it fails
+    (formatting a dtype or a shape costs microseconds)."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def check_array(a, name, dtype, ndim=None, shape=None):

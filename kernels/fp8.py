@@ -66,7 +66,7 @@ def quantize_ue8m0(v, block=128):
     xp = xp_of(v)
     n = v.shape[-1]
     block = min(block, n)
-    check(n % block == 0, f"quantize_ue8m0: last dim {n} is not a multiple of the block {block}")
+    check(n % block == 0, lambda: f"quantize_ue8m0: last dim {n} is not a multiple of the block {block}")
     vb = v.reshape(v.shape[:-1] + (n // block, block)).astype(np.float32)
     amax = xp.maximum(xp.abs(vb).max(axis=-1), np.float32(1e-4))
     s = ceil_pow2(amax / np.float32(E4M3_MAX))
@@ -98,7 +98,7 @@ def dequant_weight_gpu(w8, scale_inv, out_dtype=np.float32, block=128):
     O, I = w8.shape
     check_array(w8, "w8", np.uint8, ndim=2)
     check_array(scale_inv, "scale_inv", np.float32, shape=(-(-O // block), -(-I // block)))
-    check(block == 128, f"dequant_weight_gpu: block {block}, the kernel assumes 128")
+    check(block == 128, lambda: f"dequant_weight_gpu: block {block}, the kernel assumes 128")
     bf16 = np.dtype(out_dtype) != np.float32
     out = cp.empty((O, I), np.uint16 if bf16 else np.float32)
     table = cp.asarray(E4M3_TABLE)

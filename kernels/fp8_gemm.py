@@ -32,6 +32,7 @@ no group has more than 16 rows (decode: each used expert's weight streamed once)
 bench/kernels.py grouped times it against a loop over experts.
 """
 
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -70,31 +71,35 @@ GroupedPlan = namedtuple("GroupedPlan", Plan._fields + ("tiles",))
 
 def _weight_dims(w8, w_scale):
     """(N, K, KB) of an FP8 weight after checking that its scales match it."""
-    check(getattr(w8, "ndim", None) == 2, f"w8: expected a 2-D [N, K] array of e4m3 bits, got shape {getattr(w8, 'shape', None)}")
-    check(w8.dtype == np.uint8, f"w8: dtype {w8.dtype}, expected uint8 (e4m3 bit patterns)")
+    check(getattr(w8, "ndim", None) == 2,
+          lambda: f"w8: expected a 2-D [N, K] array of e4m3 bits, got shape {getattr(w8, 'shape', None)}")
+    check(w8.dtype == np.uint8, lambda: f"w8: dtype {w8.dtype}, expected uint8 (e4m3 bit patterns)")
     N, K = w8.shape
-    check(N >= 1 and K >= 1, f"w8: shape {w8.shape}, both dims must be >= 1")
+    check(N >= 1 and K >= 1, lambda: f"w8: shape {w8.shape}, both dims must be >= 1")
     KB, NB = -(-K // BLOCK), -(-N // BLOCK)
     check(getattr(w_scale, "shape", None) is not None and tuple(w_scale.shape) == (NB, KB),
-          f"w_scale: shape {getattr(w_scale, 'shape', None)}, expected ({NB}, {KB}) = (ceil(N/128), ceil(K/128)) "
-          f"for w8 of shape {w8.shape}")
+          lambda: f"w_scale: shape {getattr(w_scale, 'shape', None)}, expected ({NB}, {KB}) = "
+                  f"(ceil(N/128), ceil(K/128)) for w8 of shape {w8.shape}")
     return N, K, KB
 
 
 def _check_quantised(x8, sx, K, KB):
-    check(getattr(x8, "ndim", None) == 2, f"x8: expected a 2-D [T, KP] array, got shape {getattr(x8, 'shape', None)}")
-    check(x8.dtype == np.uint8, f"x8: dtype {x8.dtype}, expected uint8 (e4m3 bit patterns)")
+    check(getattr(x8, "ndim", None) == 2,
+          lambda: f"x8: expected a 2-D [T, KP] array, got shape {getattr(x8, 'shape', None)}")
+    check(x8.dtype == np.uint8, lambda: f"x8: dtype {x8.dtype}, expected uint8 (e4m3 bit patterns)")
     T = x8.shape[0]
-    check(x8.shape[1] == KB * BLOCK, f"x8: shape {x8.shape}, expected {KB * BLOCK} columns: K = {K} padded to whole "
-                                     f"blocks of {BLOCK} (quantize_activations makes it)")
-    check(tuple(sx.shape) == (T, KB), f"sx: shape {sx.shape}, expected ({T}, {KB}) = (T, ceil(K/128))")
+    check(x8.shape[1] == KB * BLOCK,
+          lambda: f"x8: shape {x8.shape}, expected {KB * BLOCK} columns: K = {K} padded to whole "
+                  f"blocks of {BLOCK} (quantize_activations makes it)")
+    check(tuple(sx.shape) == (T, KB), lambda: f"sx: shape {sx.shape}, expected ({T}, {KB}) = (T, ceil(K/128))")
     return T
 
 
 def _flat_tokens(x, K, name="x"):
     """x [..., K] -> [T, K] (a view), and the leading shape to restore."""
-    check(getattr(x, "ndim", 0) >= 1, f"{name}: expected an array [..., K], got {type(x).__name__}")
-    check(x.shape[-1] == K, f"{name}: shape {x.shape}, its last dim should be K = {K} (the weight's input size)")
+    check(getattr(x, "ndim", 0) >= 1, lambda: f"{name}: expected an array [..., K], got {type(x).__name__}")
+    check(x.shape[-1] == K,
+          lambda: f"{name}: shape {x.shape}, its last dim should be K = {K} (the weight's input size)")
     return x.reshape(-1, K), x.shape[:-1]
 
 
@@ -107,12 +112,13 @@ def _bf16_to_f32(bits):
 def quantize_activations_reference(x):
     """x float [T, K] (or bf16 bits uint16) -> x8 uint8 e4m3 bits [T, KP], sx fp32 [T, KB]."""
     xp = xp_of(x)
-    check(getattr(x, "ndim", None) == 2, f"x: expected a 2-D [T, K] array, got shape {getattr(x, 'shape', None)}")
+    check(getattr(x, "ndim", None) == 2,
+          lambda: f"x: expected a 2-D [T, K] array, got shape {getattr(x, 'shape', None)}")
     T, K = x.shape
-    check(K >= 1, f"x: shape {x.shape}, K must be >= 1")
+    check(K >= 1, lambda: f"x: shape {x.shape}, K must be >= 1")
     if x.dtype == np.uint16 or x.dtype.name == "bfloat16":
         x = _bf16_to_f32(x.view(np.uint16))
-    check(x.dtype.kind == "f", f"x: dtype {x.dtype}, expected a float dtype or bf16 bits (uint16)")
+    check(x.dtype.kind == "f", lambda: f"x: dtype {x.dtype}, expected a float dtype or bf16 bits (uint16)")
     KB = -(-K // BLOCK)
     xpad = xp.zeros((T, KB * BLOCK), np.float32)  # zeros do not change a block's amax (it is >= 1e-4)
     xpad[:, :K] = x
@@ -168,14 +174,15 @@ def _tickets(n):
     return zeroed_counters("gemv_tickets", max(n, 4096))
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its integers, asked on every launch
 def plan(T, N, K, wgmma, num_sms=132, ctas=None, k_warps=None, tile_n=None):
     """Plan of one fp8_gemm call on the GPU. ctas, k_warps: force the GEMV's partition; tile_n: the wgmma tile's
     weight rows, 128 or 96 (tests, benchmarks)."""
-    check(T >= 1 and N >= 1 and K >= 1, f"fp8_gemm: T = {T}, N = {N}, K = {K}, all must be >= 1")
+    check(T >= 1 and N >= 1 and K >= 1, lambda: f"fp8_gemm: T = {T}, N = {N}, K = {K}, all must be >= 1")
     KB = -(-K // BLOCK)
     if wgmma and T > DECODE_T:  # persistent: at most one CTA per SM, each loops over tiles
         BN = tile_n or wgmma_tile_n(T, N, num_sms)
-        check(BN in GM_TILE_N, f"fp8_gemm: tile_n = {BN}, expected one of {sorted(GM_TILE_N)}")
+        check(BN in GM_TILE_N, lambda: f"fp8_gemm: tile_n = {BN}, expected one of {sorted(GM_TILE_N)}")
         tiles = -(-N // BN) * -(-T // GM_TILE)
         return Plan(GM_TILE_N[BN], (min(tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 0, 1)
     nt = 1 if T <= 8 else 2
@@ -218,13 +225,14 @@ def _gemv_partition(Z, N, KB, num_sms, ctas=None, k_warps=None):
     cap = GV_CTAS_PER_SM * num_sms
 
     def option(kw):
-        check(kw in (1, 2, 4), f"fp8_gemm: k_warps = {kw}, expected 1, 2 or 4")
+        check(kw in (1, 2, 4), lambda: f"fp8_gemm: k_warps = {kw}, expected 1, 2 or 4")
         keys = Z * -(-N // (128 // kw))
         U = keys * KB
         C = ctas if ctas is not None else min(cap, max(num_sms, -(-U // (2 * kw))))
         C = max(1, min(C, U))
-        check(keys < 2**31 and C * U < 2**62, f"fp8_gemm: {keys} keys x {KB} blocks over {C} CTAs is beyond the "
-                                               "kernel's integer ranges")
+        check(keys < 2**31 and C * U < 2**62,
+              lambda: f"fp8_gemm: {keys} keys x {KB} blocks over {C} CTAs is beyond the "
+                       "kernel's integer ranges")
         return C, kw, _pieces(U, C, KB)
     if k_warps is not None:
         return option(k_warps)
@@ -242,20 +250,23 @@ def _pieces(U, C, KB):
 
 def _activation_bits(x):
     """float32 passes; bf16 (uint16 bits or ml_dtypes bfloat16) becomes uint16 bits; anything else is refused."""
+    if x.dtype == np.float32:  # the common case first: a dtype's name costs microseconds
+        return x
     if x.dtype.name == "bfloat16":
         return x.view(np.uint16)
     check(x.dtype in (np.float32, np.uint16),
-          f"x: dtype {x.dtype}, the GPU path takes float32 or bf16 (uint16 bits / bfloat16); convert it first")
+          lambda: f"x: dtype {x.dtype}, the GPU path takes float32 or bf16 (uint16 bits / bfloat16); convert it first")
     return x
 
 
 def quantize_activations_gpu(x, *, x8=None, sx=None):
     """Launcher for fp8_gemm.cu:quantize_act_*. x float32 or bf16 bits [T, K] -> x8 uint8 [T, KP], sx fp32 [T, KB]."""
     import cupy as cp
-    check(is_gpu(x) and x.ndim == 2, f"x: expected a CuPy array [T, K], got {type(x).__name__} {getattr(x, 'shape', '')}")
+    check(is_gpu(x) and x.ndim == 2,
+          lambda: f"x: expected a CuPy array [T, K], got {type(x).__name__} {getattr(x, 'shape', '')}")
     x = _activation_bits(x)
     T, K = x.shape
-    check(K >= 1, f"x: shape {x.shape}, K must be >= 1")
+    check(K >= 1, lambda: f"x: shape {x.shape}, K must be >= 1")
     check_array(x, "x", x.dtype, shape=(T, K))
     KB = -(-K // BLOCK)
     if x8 is None:
@@ -293,7 +304,7 @@ def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, ctas=None, k_warps
         return out
 
     path = path or DEFAULT_PATH
-    check(path in ("auto", "wgmma", "mma"), f"fp8_gemm: path {path!r}, expected auto, wgmma or mma")
+    check(path in ("auto", "wgmma", "mma"), lambda: f"fp8_gemm: path {path!r}, expected auto, wgmma or mma")
     has_wgmma = _module()[1]
     check(path != "wgmma" or has_wgmma, "fp8_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
     p = plan(T, N, K, has_wgmma and path != "mma", sm_count(), ctas, k_warps, tile_n)
@@ -324,10 +335,10 @@ def fp8_linear_gpu(x, w8, w_scale, *, out=None, path=None):
     """quantize_activations_gpu then fp8_gemm_gpu. x [..., K] float32 or bf16 -> y fp32 [..., N]."""
     check_array(w8, "w8", np.uint8, ndim=2)
     N, K, _ = _weight_dims(w8, w_scale)
-    check(is_gpu(x), f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
+    check(is_gpu(x), lambda: f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
     x2, lead = _flat_tokens(x, K)
     if out is not None:
-        check(tuple(out.shape) == lead + (N,), f"out: shape {out.shape}, expected {lead + (N,)}")
+        check(tuple(out.shape) == lead + (N,), lambda: f"out: shape {out.shape}, expected {lead + (N,)}")
         out = out.reshape(-1, N)
     x8, sx = quantize_activations_gpu(x2)
     return fp8_gemm_gpu(x8, sx, w8, w_scale, out=out, path=path).reshape(lead + (N,))
@@ -338,29 +349,31 @@ def fp8_linear_gpu(x, w8, w_scale, *, out=None, path=None):
 def _stacked_dims(w8, w_scale):
     """(E, N, K, KB) of stacked FP8 weights after checking that their scales match them."""
     check(getattr(w8, "ndim", None) == 3,
-          f"w8: expected a 3-D [E, N, K] array of e4m3 bits (the experts stacked), got shape {getattr(w8, 'shape', None)}")
-    check(w8.dtype == np.uint8, f"w8: dtype {w8.dtype}, expected uint8 (e4m3 bit patterns)")
+          lambda: f"w8: expected a 3-D [E, N, K] array of e4m3 bits (the experts stacked), got shape "
+                  f"{getattr(w8, 'shape', None)}")
+    check(w8.dtype == np.uint8, lambda: f"w8: dtype {w8.dtype}, expected uint8 (e4m3 bit patterns)")
     E, N, K = w8.shape
-    check(E >= 1 and N >= 1 and K >= 1, f"w8: shape {w8.shape}, every dim must be >= 1")
+    check(E >= 1 and N >= 1 and K >= 1, lambda: f"w8: shape {w8.shape}, every dim must be >= 1")
     KB, NB = -(-K // BLOCK), -(-N // BLOCK)
     check(getattr(w_scale, "shape", None) is not None and tuple(w_scale.shape) == (E, NB, KB),
-          f"w_scale: shape {getattr(w_scale, 'shape', None)}, expected ({E}, {NB}, {KB}) = (E, ceil(N/128), "
-          f"ceil(K/128)) for w8 of shape {w8.shape}")
+          lambda: f"w_scale: shape {getattr(w_scale, 'shape', None)}, expected ({E}, {NB}, {KB}) = (E, ceil(N/128), "
+                  f"ceil(K/128)) for w8 of shape {w8.shape}")
     return E, N, K, KB
 
 
 def group_offsets(offsets, E, R):
     """The group offsets as a host int64 array [E + 1], checked: 0 first, never decreasing, R last."""
     o = offsets.get() if is_gpu(offsets) else np.asarray(offsets)
-    check(o.ndim == 1 and o.shape[0] == E + 1, f"offsets: shape {o.shape}, expected ({E + 1},) = (E + 1,) for {E} experts")
-    check(o.dtype.kind in "iu", f"offsets: dtype {o.dtype}, expected integers")
+    check(o.ndim == 1 and o.shape[0] == E + 1,
+          lambda: f"offsets: shape {o.shape}, expected ({E + 1},) = (E + 1,) for {E} experts")
+    check(o.dtype.kind in "iu", lambda: f"offsets: dtype {o.dtype}, expected integers")
     o = o.astype(np.int64)
-    check(o[0] == 0, f"offsets[0] = {o[0]}, expected 0 (group 0 starts at row 0)")
+    check(o[0] == 0, lambda: f"offsets[0] = {o[0]}, expected 0 (group 0 starts at row 0)")
     down = np.flatnonzero(np.diff(o) < 0)
     if down.size:
         i = int(down[0])
         raise ValueError(f"offsets must not decrease: offsets[{i}] = {o[i]} > offsets[{i + 1}] = {o[i + 1]}")
-    check(o[-1] == R, f"offsets[-1] = {o[-1]}, expected R = {R}, the rows of x")
+    check(o[-1] == R, lambda: f"offsets[-1] = {o[-1]}, expected R = {R}, the rows of x")
     return o
 
 
@@ -385,12 +398,14 @@ def plan_grouped(offsets, N, K, wgmma, num_sms=132, ctas=None, k_warps=None):
     spread over all the tiles' weights at once (each used expert's weight is streamed once)."""
     offsets = np.asarray(offsets, np.int64)
     G = int(np.diff(offsets).max())
-    check(G >= 1 and N >= 1 and K >= 1, f"fp8_grouped_gemm: largest group {G} rows, N = {N}, K = {K}, all must be >= 1")
+    check(G >= 1 and N >= 1 and K >= 1,
+          lambda: f"fp8_grouped_gemm: largest group {G} rows, N = {N}, K = {K}, all must be >= 1")
     KB = -(-K // BLOCK)
     if wgmma and G > DECODE_T:
         tiles = group_tiles(offsets, GM_TILE)
         n_tiles = len(tiles) * -(-N // GM_TILE)  # CTA tiles, run by a persistent grid of at most one CTA per SM
-        check(n_tiles < 2**31, f"fp8_grouped_gemm: {n_tiles} CTA tiles, more than the kernel's int indices hold")
+        check(n_tiles < 2**31,
+              lambda: f"fp8_grouped_gemm: {n_tiles} CTA tiles, more than the kernel's int indices hold")
         return GroupedPlan("fp8_grouped_gemm_wgmma", (min(n_tiles, num_sms), 1, 1), (GM_THREADS,), GM_SMEM, 0, 1,
                            tiles)
     nt = 1 if G <= 8 else 2
@@ -417,7 +432,7 @@ def fp8_grouped_linear_reference(x, w8, w_scale, offsets):
     xp = xp_of(x)
     E, N, K, _ = _stacked_dims(w8, w_scale)
     check(getattr(x, "ndim", None) == 2 and x.shape[1] == K,
-          f"x: shape {getattr(x, 'shape', None)}, expected [R, K = {K}] (K: the weights' input size)")
+          lambda: f"x: shape {getattr(x, 'shape', None)}, expected [R, K = {K}] (K: the weights' input size)")
     offsets = group_offsets(offsets, E, x.shape[0])
     y = xp.zeros((x.shape[0], N), np.float32)
     for e in np.flatnonzero(np.diff(offsets)):
@@ -438,7 +453,7 @@ def fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, *, out=None, path=None, c
     check_array(sx, "sx", np.float32, shape=(R, KB))
     check_array(w_scale, "w_scale", np.float32, shape=(E, -(-N // BLOCK), KB))
     check(x8.data.ptr % 16 == 0, "x8: must be 16-byte aligned (its rows are read in 16-byte pieces)")
-    check(R < 2**31, f"x8: {R} rows, the kernels index rows with 32-bit ints")
+    check(R < 2**31, lambda: f"x8: {R} rows, the kernels index rows with 32-bit ints")
     offsets = group_offsets(offsets, E, R)
     if out is None:
         out = cp.empty((R, N), np.float32)
@@ -447,7 +462,7 @@ def fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, *, out=None, path=None, c
         return out
 
     path = path or DEFAULT_PATH
-    check(path in ("auto", "wgmma", "mma"), f"fp8_grouped_gemm: path {path!r}, expected auto, wgmma or mma")
+    check(path in ("auto", "wgmma", "mma"), lambda: f"fp8_grouped_gemm: path {path!r}, expected auto, wgmma or mma")
     has_wgmma = _module()[1]
     check(path != "wgmma" or has_wgmma, "fp8_grouped_gemm: the wgmma kernel needs an sm_90 GPU (sm_90a build)")
     p = plan_grouped(offsets, N, K, has_wgmma and path != "mma", sm_count(), ctas, k_warps)
@@ -469,8 +484,9 @@ def fp8_grouped_linear_gpu(x, w8, w_scale, offsets, *, out=None, path=None):
     """quantize_activations_gpu over all R rows, then fp8_grouped_gemm_gpu. x [R, K] float32 or bf16 -> y fp32 [R, N]."""
     check_array(w8, "w8", np.uint8, ndim=3)
     E, N, K, _ = _stacked_dims(w8, w_scale)
-    check(is_gpu(x), f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
-    check(x.ndim == 2 and x.shape[1] == K, f"x: shape {x.shape}, expected [R, K = {K}] (K: the weights' input size)")
+    check(is_gpu(x), lambda: f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
+    check(x.ndim == 2 and x.shape[1] == K,
+          lambda: f"x: shape {x.shape}, expected [R, K = {K}] (K: the weights' input size)")
     offsets = group_offsets(offsets, E, x.shape[0])
     x8, sx = quantize_activations_gpu(x)
     return fp8_grouped_gemm_gpu(x8, sx, w8, w_scale, offsets, out=out, path=path)
@@ -491,7 +507,7 @@ def quantize_rows(v):
     scales bit for bit; a zero may differ in its sign bit), in one launch on the GPU (a row shorter than 128 is
     zero-padded there, which leaves its amax unchanged)."""
     n = v.shape[-1]
-    check(n <= BLOCK, f"quantize_rows: rows of {n} values, one scale covers at most {BLOCK}")
+    check(n <= BLOCK, lambda: f"quantize_rows: rows of {n} values, one scale covers at most {BLOCK}")
     if not is_gpu(v):
         v8, s = quantize_ue8m0(v)
         return e4m3_encode(v8), s[..., 0]
@@ -543,6 +559,6 @@ def _into(out, y):
     if out is None:
         return y
     check(out.shape == y.shape and out.dtype == np.float32,
-          f"out: shape {out.shape} dtype {out.dtype}, expected {y.shape} float32")
+          lambda: f"out: shape {out.shape} dtype {out.dtype}, expected {y.shape} float32")
     out[...] = y
     return out

@@ -85,7 +85,7 @@ def _kernel(Di):
 def _plan(device, T, Hi, Di, n, m, B, K):
     """(kernel, grid, shared memory) for one call shape on one GPU, checked once."""
     reason = why_not(T, Hi, Di, True, n, m, B, K)
-    check(reason is None, f"hisa_decode_select: the fused kernel {reason}")
+    check(reason is None, lambda: f"hisa_decode_select: the fused kernel {reason}")
     smem = smem_bytes(m, Di)
     return _kernel(Di), (ctas_per_query(T, m, sm_count()), T), smem
 
@@ -118,7 +118,7 @@ def select_gpu(q, q_scale, w, pooled_k, pooled_scale, n, keys, key_scale, ends, 
     want(keys, "keys", _U8, (cap, Di))
     want(key_scale, "key_scale", _F32, (cap,))
     want(ends, "ends", _I32, (T,))
-    check(0 <= n <= nbc, f"hisa_decode_select: n = {n} blocks, the pooled keys hold {nbc}")
+    check(0 <= n <= nbc, lambda: f"hisa_decode_select: n = {n} blocks, the pooled keys hold {nbc}")
     mB = m * B
     size = T * (n + m + mB + K)
     if scratch is None:
@@ -137,7 +137,7 @@ def select_gpu(q, q_scale, w, pooled_k, pooled_scale, n, keys, key_scale, ends, 
         fn, grid, smem = _plan(cp.cuda.Device().id, T, Hi, Di, n, m, B, K)
         if G is not None:
             check(G >= 1 and T * G <= sm_count(),
-                  f"hisa_decode_select: G = {G} CTAs a query, at most {sm_count() // T} resident")
+                  lambda: f"hisa_decode_select: G = {G} CTAs a query, at most {sm_count() // T} resident")
             grid = (int(G), T)
         i32 = np.int32
         lgB = B.bit_length() - 1 if B & (B - 1) == 0 else -1

@@ -197,7 +197,7 @@ def plan(T, Hi, Di, fp8, m, B, wgmma, num_sms=132, splits=None):
     A query's m*B slots are cut over `splits` CTAs (grid.y) when there are few queries (decode), so the
     work still spreads over every SM: by default about 4 waves of resident CTAs.
     """
-    check(m * B >= 1, f"hisa_token_scores: m*B = {m * B}, nothing to plan")
+    check(m * B >= 1, lambda: f"hisa_token_scores: m*B = {m * B}, nothing to plan")
     row_bytes = Di * (1 if fp8 else 2)
     if wgmma:
         name, threads, tile, smem = "hisa_token_scores_wgmma", 256, TILE, wgmma_smem(row_bytes, wgmma_stages(row_bytes))
@@ -214,7 +214,8 @@ def plan(T, Hi, Di, fp8, m, B, wgmma, num_sms=132, splits=None):
         nsplit = max(nsplit, -(-tiles // MAX_TILES))
     per_cta = -(-tiles // nsplit)
     nsplit = -(-tiles // per_cta)  # no empty CTAs
-    check(nsplit <= 65535, f"hisa_token_scores: {tiles} tiles a query need {nsplit} CTAs, the grid allows 65535")
+    check(nsplit <= 65535,
+          lambda: f"hisa_token_scores: {tiles} tiles a query need {nsplit} CTAs, the grid allows 65535")
     return name, (T, nsplit), (threads,), smem, per_cta * tile
 
 
@@ -234,16 +235,19 @@ def _function(defs, name, smem):
 def _launch(device, T, Hi, Di, fp8, m, B, cap, path, splits):
     """(kernel, grid, block, shared memory, trailing scalar arguments) for one call shape on one GPU (the
     kernel belongs to that device), checked once."""
-    check(1 <= Hi <= 64, f"hisa_token_scores: Hi = {Hi}, the kernels hold 1 to 64 heads")
+    check(1 <= Hi <= 64, lambda: f"hisa_token_scores: Hi = {Hi}, the kernels hold 1 to 64 heads")
     row_bytes = Di * (1 if fp8 else 2)
     check(row_bytes % 32 == 0 and row_bytes <= 256,
-          f"hisa_token_scores: Di = {Di} ({row_bytes} bytes a row); rows must be a multiple of 32 bytes, at most 256")
-    check(m * B + TILE < 2**31, f"hisa_token_scores: m*B = {m * B} slots overflow int32")
-    check(path in ("auto", "wgmma", "mma"), f"hisa_token_scores: path {path!r}, expected auto, blocks, wgmma or mma")
+          lambda: f"hisa_token_scores: Di = {Di} ({row_bytes} bytes a row); rows must be a multiple of 32 bytes, "
+                  "at most 256")
+    check(m * B + TILE < 2**31, lambda: f"hisa_token_scores: m*B = {m * B} slots overflow int32")
+    check(path in ("auto", "wgmma", "mma"),
+          lambda: f"hisa_token_scores: path {path!r}, expected auto, blocks, wgmma or mma")
     defs = defines(fp8, Di, Hi)
     wgmma = path != "mma" and row_bytes in WGMMA_ROWS and _module(defs)[1]
-    check(path != "wgmma" or wgmma, f"hisa_token_scores: the wgmma kernel needs an sm_90 GPU (sm_90a build) and "
-                                    f"rows of {WGMMA_ROWS} bytes (here {row_bytes})")
+    check(path != "wgmma" or wgmma,
+          lambda: f"hisa_token_scores: the wgmma kernel needs an sm_90 GPU (sm_90a build) and "
+                  f"rows of {WGMMA_ROWS} bytes (here {row_bytes})")
     name, grid, block, smem, per_cta = plan(T, Hi, Di, fp8, m, B, wgmma, sm_count(), splits)
     i32 = np.int32
     if wgmma:
@@ -281,7 +285,7 @@ def _blocks_launch(device, T, Hi, Di, fp8, m, B, cap, path):
     if why is None and not _module(defs)[1]:
         why = "needs an sm_90 GPU (sm_90a build)"
     if path == "blocks":
-        check(why is None, f"hisa_token_scores: the block-major kernel {why}")
+        check(why is None, lambda: f"hisa_token_scores: the block-major kernel {why}")
     elif why is not None or T < BLOCK_MIN_T:
         return None
     smem = blocks_smem(row_bytes, blocks_stages(row_bytes))

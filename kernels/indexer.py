@@ -44,11 +44,12 @@ def index_scores_reference(q, w, k, ends, q_scale=None, k_scale=None, starts=Non
     N = k.shape[0]
     fp8 = q_scale is not None
     check(fp8 == (k_scale is not None), "index_scores: give both q_scale and k_scale (fp8) or neither")
-    check(k.shape == (N, Di), f"index_scores: k has shape {k.shape}, expected ({N}, {Di})")
-    check(w.shape == (T, Hi), f"index_scores: w has shape {w.shape}, expected ({T}, {Hi})")
+    check(k.shape == (N, Di), lambda: f"index_scores: k has shape {k.shape}, expected ({N}, {Di})")
+    check(w.shape == (T, Hi), lambda: f"index_scores: w has shape {w.shape}, expected ({T}, {Hi})")
     ends = xp.asarray(ends).astype(np.int64).reshape(T)
     starts = xp.zeros(T, np.int64) if starts is None else xp.asarray(starts).astype(np.int64).reshape(T)
-    check(T == 0 or int(ends.max()) <= N, f"index_scores: ends reach {int(ends.max()) if T else 0}, past N = {N}")
+    check(T == 0 or int(ends.max()) <= N,
+          lambda: f"index_scores: ends reach {int(ends.max()) if T else 0}, past N = {N}")
     check(T == 0 or int(starts.min()) >= 0, "index_scores: starts must be >= 0")
 
     wf = w.astype(np.float64)
@@ -107,8 +108,8 @@ def _function(Hi, Di, name, smem):
 
 
 def _check_dims(Hi, Di):
-    check(Hi in HEADS, f"index_scores: Hi = {Hi} heads, the kernels support {HEADS}")
-    check(Di in HEAD_DIMS, f"index_scores: Di = {Di}, the kernels support {HEAD_DIMS}")
+    check(Hi in HEADS, lambda: f"index_scores: Hi = {Hi} heads, the kernels support {HEADS}")
+    check(Di in HEAD_DIMS, lambda: f"index_scores: Di = {Di}, the kernels support {HEAD_DIMS}")
 
 
 def wgmma_config(fp8, decode):
@@ -204,7 +205,7 @@ def _bf16_bits(a, name):
         return a
     if a.dtype.name == "bfloat16":
         return a.view(np.uint16)
-    check(a.dtype.kind == "f", f"{name}: dtype {a.dtype}, expected a float dtype or bf16 bits (uint16)")
+    check(a.dtype.kind == "f", lambda: f"{name}: dtype {a.dtype}, expected a float dtype or bf16 bits (uint16)")
     u = cp.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
     return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
 
@@ -219,7 +220,7 @@ def _launch_config(device, Hi, Di, fp8, small, path):
     everything of a launch but its grid, for one entry point on GPU `device` (the current one; the kernel
     belongs to it), made and checked once."""
     _check_dims(Hi, Di)
-    check(path in ("auto", "wgmma", "mma"), f"index_scores: path {path!r}, expected auto, wgmma or mma")
+    check(path in ("auto", "wgmma", "mma"), lambda: f"index_scores: path {path!r}, expected auto, wgmma or mma")
     _, has_wgmma = _module(Hi, Di)
     check(path != "wgmma" or has_wgmma, "index_scores: the wgmma kernels need an sm_90 GPU (sm_90a build)")
     name, threads, smem, qcta, bk, q_bytes, tile_bytes, ctas = _layout(Hi, Di, fp8, has_wgmma and path != "mma",

@@ -71,13 +71,13 @@ def _table_gpu():
 
 def pool_blocks_gpu(keys, key_scale, S, B, first_block, pooled, pooled_scale=None):
     """Launcher for pool.cu (pool_fp8 / pool_f32 / pool_bf16); same arguments and math as the reference."""
-    check(keys.ndim == 2, f"keys: rank {keys.ndim} (shape {keys.shape}), expected [cap, Di]")
+    check(keys.ndim == 2, lambda: f"keys: rank {keys.ndim} (shape {keys.shape}), expected [cap, Di]")
     cap, Di = keys.shape
     nb = -(-S // B)
-    check(B >= 1, f"pool_blocks: block size {B}")
-    check(0 <= S <= cap, f"pool_blocks: S = {S} positions, the key cache holds {cap}")
-    check(0 <= first_block, f"pool_blocks: first_block {first_block}")
-    check(1 <= Di <= 1024, f"pool_blocks: Di = {Di}, one thread per dim allows at most 1024")
+    check(B >= 1, lambda: f"pool_blocks: block size {B}")
+    check(0 <= S <= cap, lambda: f"pool_blocks: S = {S} positions, the key cache holds {cap}")
+    check(0 <= first_block, lambda: f"pool_blocks: first_block {first_block}")
+    check(1 <= Di <= 1024, lambda: f"pool_blocks: Di = {Di}, one thread per dim allows at most 1024")
     fp8 = key_scale is not None
     if fp8:
         check_array(keys, "keys", np.uint8, ndim=2)
@@ -91,7 +91,8 @@ def pool_blocks_gpu(keys, key_scale, S, B, first_block, pooled, pooled_scale=Non
         check_array(keys, "keys", np.uint16 if keys.dtype == np.uint16 else np.float32, ndim=2)
         check_array(pooled, "pooled", np.float32, ndim=2, shape=(None, Di))
         check(pooled_scale is None, "pool_blocks: float keys have no pooled_scale")
-    check(nb <= pooled.shape[0], f"pool_blocks: {nb} blocks for S = {S}, B = {B}; pooled holds {pooled.shape[0]}")
+    check(nb <= pooled.shape[0],
+          lambda: f"pool_blocks: {nb} blocks for S = {S}, B = {B}; pooled holds {pooled.shape[0]}")
     if first_block >= nb:
         return
     grid = (nb - first_block,)

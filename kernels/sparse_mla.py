@@ -36,7 +36,7 @@ def sparse_mla_reference(q_abs, q_pe, c_kv, k_pe, idx, scale, numerics="fp32"):
     """q_abs f32 [T, H, Dc], q_pe f32 [T, H, R], c_kv f32 [cap, Dc], k_pe f32 [cap, R], idx int32 [T, K]
     -> o f32 [T, H, Dc]. float64 accumulation; works on numpy or cupy arrays. numerics "bf16" rounds
     q_abs, q_pe and the gathered c_kv, k_pe rows to bf16 first (module docstring)."""
-    check(numerics in NUMERICS, f"sparse_mla: numerics {numerics!r}, expected one of {NUMERICS}")
+    check(numerics in NUMERICS, lambda: f"sparse_mla: numerics {numerics!r}, expected one of {NUMERICS}")
     xp = xp_of(q_abs)
     rnd = round_bf16 if numerics == "bf16" else (lambda a: a)
     q_abs, q_pe = rnd(q_abs), rnd(q_pe)
@@ -96,12 +96,12 @@ def sparse_mla_gpu(q_abs, q_pe, c_kv, k_pe, idx, scale, numerics="fp32"):
     "bf16" also (Dc + R) % 16 == 0. Few queries (decode): the selected list is split over CTAs and the
     partial softmaxes merged by sparse_mla_combine."""
     import cupy as cp
-    check(numerics in NUMERICS, f"sparse_mla: numerics {numerics!r}, expected one of {NUMERICS}")
-    check(q_abs.ndim == 3, f"q_abs: rank {q_abs.ndim} (shape {q_abs.shape}), expected [T, H, Dc]")
+    check(numerics in NUMERICS, lambda: f"sparse_mla: numerics {numerics!r}, expected one of {NUMERICS}")
+    check(q_abs.ndim == 3, lambda: f"q_abs: rank {q_abs.ndim} (shape {q_abs.shape}), expected [T, H, Dc]")
     T, H, Dc = q_abs.shape
-    check(q_pe.ndim == 3, f"q_pe: rank {q_pe.ndim} (shape {q_pe.shape}), expected [T, H, R]")
+    check(q_pe.ndim == 3, lambda: f"q_pe: rank {q_pe.ndim} (shape {q_pe.shape}), expected [T, H, R]")
     R = q_pe.shape[2]
-    check(c_kv.ndim == 2 and idx.ndim == 2, f"c_kv {c_kv.shape} must be [cap, Dc], idx {idx.shape} [T, K]")
+    check(c_kv.ndim == 2 and idx.ndim == 2, lambda: f"c_kv {c_kv.shape} must be [cap, Dc], idx {idx.shape} [T, K]")
     cap, K = c_kv.shape[0], idx.shape[1]
     check_array(q_abs, "q_abs", np.float32, ndim=3)
     check_array(q_pe, "q_pe", np.float32, shape=(T, H, R))
@@ -109,11 +109,12 @@ def sparse_mla_gpu(q_abs, q_pe, c_kv, k_pe, idx, scale, numerics="fp32"):
     check_array(k_pe, "k_pe", np.float32, shape=(cap, R))
     check_array(idx, "idx", np.int32, shape=(T, K))
     for a, name in ((q_abs, "q_abs"), (q_pe, "q_pe"), (c_kv, "c_kv"), (k_pe, "k_pe")):
-        check(a.data.ptr % 16 == 0, f"{name}: base address must be 16-byte aligned (float4 and cp.async)")
-    check(Dc % 128 == 0, f"sparse_mla: Dc = {Dc}, the kernel needs a multiple of 128")
-    check(R % 4 == 0, f"sparse_mla: R = {R}, the kernel needs a multiple of 4")
+        check(a.data.ptr % 16 == 0, lambda: f"{name}: base address must be 16-byte aligned (float4 and cp.async)")
+    check(Dc % 128 == 0, lambda: f"sparse_mla: Dc = {Dc}, the kernel needs a multiple of 128")
+    check(R % 4 == 0, lambda: f"sparse_mla: R = {R}, the kernel needs a multiple of 4")
     if numerics == "bf16":
-        check((Dc + R) % 16 == 0, f"sparse_mla bf16: Dc + R = {Dc + R}, the kernel needs a multiple of 16 (k16 steps)")
+        check((Dc + R) % 16 == 0,
+              lambda: f"sparse_mla bf16: Dc + R = {Dc + R}, the kernel needs a multiple of 16 (k16 steps)")
         HG = tc_heads_per_cta(max(H, 1))
         NT = 4 * HG  # two warps per 16 heads
         smem = smem_bytes_tc(Dc, R, HG)
@@ -121,13 +122,14 @@ def sparse_mla_gpu(q_abs, q_pe, c_kv, k_pe, idx, scale, numerics="fp32"):
         name = "sparse_mla_attend_tc"
     else:
         HG = next((g for g in (16, 8, 4) if H % g == 0), None)
-        check(HG is not None, f"sparse_mla: H = {H} heads, the kernel needs a multiple of 4")
+        check(HG is not None, lambda: f"sparse_mla: H = {H} heads, the kernel needs a multiple of 4")
         NT = min(256, HG * Dc // 4)  # phase O: one thread per (head slice, float4 column of the latent)
         smem = smem_bytes(Dc, R, HG)
         defines = (f"SM_DC={Dc}", f"SM_R={R}", f"SM_HG={HG}", f"SM_NT={NT}")
         name = "sparse_mla_attend"
     limit = device_attr("MaxSharedMemoryPerBlockOptin")
-    check(smem <= limit, f"sparse_mla: needs {smem} bytes of shared memory (Dc {Dc}, R {R}), the GPU allows {limit}")
+    check(smem <= limit,
+          lambda: f"sparse_mla: needs {smem} bytes of shared memory (Dc {Dc}, R {R}), the GPU allows {limit}")
 
     out = cp.full((T, H, Dc), np.nan, np.float32)  # NaN: an unwritten element shows up in tests
     if T == 0 or H == 0:

@@ -90,8 +90,8 @@ def _launch_config(device_id):
     attr = cp.cuda.runtime.deviceGetAttribute
     cap = candidate_cap(attr(_ATTR_SMEM_PER_SM, device_id), attr(_ATTR_SMEM_RESERVED, device_id),
                         attr(_ATTR_SMEM_OPTIN, device_id))
-    check(cap >= 2 * KMAX, f"topk: a candidate buffer of {cap} is too small (shared memory per SM "
-                           f"{attr(_ATTR_SMEM_PER_SM, device_id)} B)")
+    check(cap >= 2 * KMAX, lambda: f"topk: a candidate buffer of {cap} is too small (shared memory per SM "
+                                   f"{attr(_ATTR_SMEM_PER_SM, device_id)} B)")
     fn = kernel("topk.cu", "topk_rows")
     fn.max_dynamic_shared_size_bytes = smem_bytes(cap)
     fn.preferred_shared_memory_carveout = 100  # all of L1 as shared memory: room for two CTAs an SM
@@ -185,7 +185,7 @@ def topk_gpu(scores, k, lengths=None, *, blocks=None, B=None, ends=None, path="a
     fn, cap, n_sm = _launch_config(cp.cuda.runtime.getDevice())
     if cand_cap is not None:
         check(0 <= cand_cap <= cap and cand_cap % 4 == 0,
-              f"topk: cand_cap {cand_cap} must be a multiple of 4 in [0, {cap}]")
+              lambda: f"topk: cand_cap {cand_cap} must be a multiple of 4 in [0, {cap}]")
         cap = cand_cap
     G = slices_per_row(R, N, n_sm) if slices is None else slices
     if not (G >= 1 and R * G < 2**31):
