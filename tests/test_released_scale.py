@@ -7,6 +7,7 @@ placement plan, the MTP skip and the streaming writer. GPU: the same checkpoint 
 Released dimensions (hidden 7168, 256 experts, ...; ~27 GB written to a temporary folder, minutes): only
 with HISA_RELEASED_SCALE=1 on a GPU machine (HISA_RELEASED_DIR=folder reuses a written checkpoint).
 """
+import gc
 import json
 import os
 import subprocess
@@ -467,6 +468,7 @@ def test_gpu_grouped_moe_matches_cpu(small):
 @gpu
 def test_gpu_refuses_before_allocating(small, monkeypatch):
     pool = cp.get_default_memory_pool()
+    gc.collect()  # earlier tests' garbage freed now, not during the load (used bytes would drop)
     before = pool.used_bytes()
     monkeypatch.setattr(loader, "gpu_free_memory", lambda n=None: [placement.HEADROOM_MIN + 1e6])
     with pytest.raises(placement.PlacementError, match=r"need .* GB; GPU 0 has .* GB free"):
