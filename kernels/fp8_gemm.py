@@ -16,7 +16,8 @@ bf16 (uint16 bit patterns, or an ml_dtypes bfloat16 array); y is always float32.
 float dtype or bf16 bits and quantises from float32, as the kernels do.
 
 GPU kernels: T <= 16 (decode) a weight-streaming mma.sync GEMV; larger T a persistent, warp-specialised
-wgmma GEMM on Hopper (sm_90a), and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens.
+wgmma GEMM on Hopper (sm_90a) over tiles of 128 tokens x 128 weight rows (96 where that takes no more waves:
+wgmma_tile_n), and elsewhere, or with path="mma", the GEMV kernel over tiles of 16 tokens.
 The GEMV cuts the product into units of 32-128 weight rows x one 128-channel block and gives every CTA of a
 one-wave grid (2 per SM) an equal run of them, cutting K where a layer is too narrow to reach every SM;
 each warp keeps 3 units in flight through a cp.async ring. bench/kernels.py fp8gemm times them.
@@ -37,8 +38,8 @@ from collections import namedtuple
 
 import numpy as np
 
-from kernels._cuda import (check, check_array, is_gpu, module_sm90a, per_device, sm_count, with_dynamic_smem, xp_of,
-                           zeroed_counters)
+from kernels._cuda import (check, check_array, is_gpu, module_sm90a, per_device, sm_count, want, with_dynamic_smem,
+                           xp_of, zeroed_counters)
 from kernels.fp8 import e4m3_decode, e4m3_encode, fp8_roundtrip, quantize_ue8m0
 
 BLOCK = 128       # channels per scale block, both operands
@@ -53,6 +54,7 @@ GM_THREADS = 384  # 2 consumer + 1 producer warpgroup  (fp8_gemm.cu GM_THREADS)
 GM_SMEM = 2 * GM_STAGES * 128 * 128 + 2 * GM_STAGES * 8 + 1024  # tiles, mbarriers, alignment (fp8_gemm.cu GM_SMEM)
 # "auto": wgmma on sm_90 (Hopper) for T > DECODE_T; "mma" forces the GEMV kernel for every T.
 DEFAULT_PATH = "auto"
+_U8, _F32 = np.dtype(np.uint8), np.dtype(np.float32)  # for want(), the launchers' quick argument test
 
 
 def gv_smem(nt):
@@ -267,14 +269,14 @@ def quantize_activations_gpu(x, *, x8=None, sx=None):
     x = _activation_bits(x)
     T, K = x.shape
     check(K >= 1, lambda: f"x: shape {x.shape}, K must be >= 1")
-    check_array(x, "x", x.dtype, shape=(T, K))
+    want(x, "x", x.dtype, (T, K))
     KB = -(-K // BLOCK)
     if x8 is None:
         x8 = cp.empty((T, KB * BLOCK), np.uint8)
     if sx is None:
         sx = cp.empty((T, KB), np.float32)
-    check_array(x8, "x8", np.uint8, shape=(T, KB * BLOCK))
-    check_array(sx, "sx", np.float32, shape=(T, KB))
+    want(x8, "x8", _U8, (T, KB * BLOCK))
+    want(sx, "sx", _F32, (T, KB))
     check(x8.data.ptr % 4 == 0, "x8: must be 4-byte aligned")
     if T == 0:
         return x8, sx
@@ -290,16 +292,16 @@ def fp8_gemm_gpu(x8, sx, w8, w_scale, *, out=None, path=None, ctas=None, k_warps
     w_scale fp32 [ceil(N/128), KB] -> y fp32 [T, N]. path: "auto" / "wgmma" / "mma" (None: DEFAULT_PATH);
     ctas, k_warps: force the GEMV's partition, tile_n the wgmma tile's weight rows (None: plan()'s choice)."""
     import cupy as cp
-    check_array(w8, "w8", np.uint8, ndim=2)
     N, K, KB = _weight_dims(w8, w_scale)
-    check_array(x8, "x8", np.uint8, ndim=2)
+    want(w8, "w8", _U8, (N, K))
     T = _check_quantised(x8, sx, K, KB)
-    check_array(sx, "sx", np.float32, shape=(T, KB))
-    check_array(w_scale, "w_scale", np.float32, shape=(-(-N // BLOCK), KB))
+    want(x8, "x8", _U8, (T, KB * BLOCK))
+    want(sx, "sx", _F32, (T, KB))
+    want(w_scale, "w_scale", _F32, (-(-N // BLOCK), KB))
     check(x8.data.ptr % 16 == 0, "x8: must be 16-byte aligned (its rows are read in 16-byte pieces)")
     if out is None:
         out = cp.empty((T, N), np.float32)
-    check_array(out, "out", np.float32, shape=(T, N))
+    want(out, "out", _F32, (T, N))
     if T == 0:
         return out
 
@@ -333,8 +335,8 @@ def _gemv_buffers(p, Z, N, out):
 
 def fp8_linear_gpu(x, w8, w_scale, *, out=None, path=None):
     """quantize_activations_gpu then fp8_gemm_gpu. x [..., K] float32 or bf16 -> y fp32 [..., N]."""
-    check_array(w8, "w8", np.uint8, ndim=2)
     N, K, _ = _weight_dims(w8, w_scale)
+    want(w8, "w8", _U8, (N, K))
     check(is_gpu(x), lambda: f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
     x2, lead = _flat_tokens(x, K)
     if out is not None:
