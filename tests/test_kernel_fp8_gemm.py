@@ -9,9 +9,8 @@ from kernels._cuda import HAVE_GPU
 from kernels.fp8 import E4M3_MAX, dequant_weight_reference, e4m3_decode, e4m3_encode, e4m3_round
 from kernels.fp8_gemm import (DECODE_T, GM_SMEM, GM_THREADS, GM_TILE_N, GV_CTAS_PER_SM, _gemv_partition,
                               fp8_gemm_reference, fp8_grouped_gemm_reference, fp8_grouped_linear,
-                              fp8_grouped_linear_reference, fp8_linear,
-                              fp8_linear_reference, group_tiles, gv_smem, plan, plan_grouped, quantize_activations,
-                              quantize_activations_reference, wgmma_tile_n)
+                              fp8_grouped_linear_reference, fp8_linear, fp8_linear_reference, group_tiles, gv_smem,
+                              plan, plan_grouped, quantize_activations, quantize_activations_reference, wgmma_tile_n)
 
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU visible: fp8 GEMM kernel parity runs on the GPU machine")
 
@@ -192,7 +191,7 @@ def test_plans(wgmma):
     wide, narrow = plan(1, 18432, 7168, False), plan(1, 576, 7168, False)
     assert wide.grid[0] == 264 and wide.k_warps == 1 and wide.pieces <= 4
     assert narrow.grid[0] == 132 and narrow.k_warps == 4 and 1 < narrow.pieces <= 9
-    # prefill: tiles of 96 weight rows only where they leave the busiest SM fewer rows to multiply
+    # prefill: tiles of 96 weight rows only where they take no more waves of 132 CTAs than tiles of 128
     assert [wgmma_tile_n(4096, N, 132) for N, _ in RELEASED] == [128, 128, 128, 96, 128]
     assert wgmma_tile_n(4096, 18432, 132) == 128 and wgmma_tile_n(128, 1536, 132) == 96  # one wave either way
     assert plan(4096, 576, 7168, True, tile_n=128).kernel == "fp8_gemm_wgmma"
