@@ -308,6 +308,17 @@ __device__ __forceinline__ void gv_issue(u32 slot, const GvTile& t, int n0, int 
   if (lane == 31) cp_async4(slot + GV_SLOT_S(NT) + 64, t.sw + (long long)(n0 / 128) * KB + b, 4);
 }
 
+// A warp's accumulator fragments [m16 group][n8 tile][element], zeroed.
+template <int NT>
+__device__ __forceinline__ void gv_zero(float (&a)[2][NT][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[r][nt][i] = 0.f;
+}
+
 // One unit from its slot (s: a pointer into shared memory) into the warp's totals acc[m16 group r][n8 tile nt][i];
 // element i is weight row 16r + g (+8 for i >= 2), token 8nt + 2q + (i & 1).
 template <int NT>
@@ -334,12 +345,7 @@ __device__ __forceinline__ void gv_compute(const u8* s, float (&acc)[2][NT][4], 
     for (int i = 0; i < 2; ++i) m[nt][i] = scale[8 * nt + 2 * q + i] * swb;
 
   float d[2][NT][4];
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) d[r][nt][i] = 0.f;
+  gv_zero(d);
 #pragma unroll
   for (int c = 0; c < 2; ++c)
 #pragma unroll
@@ -494,12 +500,7 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ x8, const float
   int slot = 0;
   for (long long key = s / KB; key * KB < e; ++key) {  // every key the CTA's range meets, in order
     const long long key_end = e < (key + 1) * KB ? e : (key + 1) * KB;
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[r][nt][j] = 0.f;
+    gv_zero(acc);
     for (; u < key_end; u += kw, ++i) {
       if (i + GV_STAGES - 1 < n) issue(slot == 0 ? GV_STAGES - 1 : slot - 1);  // refill the slot computed last
       cp_async_commit();

@@ -128,41 +128,31 @@ __device__ __forceinline__ void fence_regs(float* d) {
 // overwrites D. One call consumes 32 bytes of each row: k = 32 e4m3 or 16 bf16. D layout: warp v of the
 // warpgroup holds rows 16v + lane/4 (+8); d[4j + {0,1}] are columns 8j + 2(lane%4) + {0,1} of the first
 // row, d[4j + {2,3}] of the second.
-__device__ __forceinline__ void wgmma_fp8_n64(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {" WGMMA_D32_REGS "}, %32, %33, p, 1, 1; }"
-               : WGMMA_D32(d) : "l"(da), "l"(db), "r"(accumulate));
-}
+// One wrapper: NAME(d, da, db, accumulate) issues INSTR with D's registers (REGS / OPS, NR of them) and the
+// descriptors and the accumulate predicate as operands %NR, %NR+1, %NR+2 (spelled out: A, B, P). TAIL: the
+// immediates after the predicate's (the two scales, and for bf16 the two transposes).
+#define WGMMA_WRAPPER(NAME, INSTR, REGS, OPS, A, B, P, TAIL)                                            \
+  __device__ __forceinline__ void NAME(float* d, u64 da, u64 db, int accumulate) {                      \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, " P ", 0;\n" INSTR " {" REGS "}, " A ", " B ", p" TAIL "; }" \
+                 : OPS(d) : "l"(da), "l"(db), "r"(accumulate));                                        \
+  }
 
-__device__ __forceinline__ void wgmma_fp8_n96(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile("{ .reg .pred p; setp.ne.b32 p, %50, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {" WGMMA_D48_REGS "}, %48, %49, p, 1, 1; }"
-               : WGMMA_D48(d) : "l"(da), "l"(db), "r"(accumulate));
-}
-
-__device__ __forceinline__ void wgmma_fp8_n128(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {" WGMMA_D64_REGS "}, %64, %65, p, 1, 1; }"
-               : WGMMA_D64(d) : "l"(da), "l"(db), "r"(accumulate));
-}
-
+WGMMA_WRAPPER(wgmma_fp8_n64, "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3", WGMMA_D32_REGS, WGMMA_D32,
+              "%32", "%33", "%34", ", 1, 1")
+WGMMA_WRAPPER(wgmma_fp8_n96, "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3", WGMMA_D48_REGS, WGMMA_D48,
+              "%48", "%49", "%50", ", 1, 1")
+WGMMA_WRAPPER(wgmma_fp8_n128, "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", WGMMA_D64_REGS, WGMMA_D64,
+              "%64", "%65", "%66", ", 1, 1")
 // bf16 takes two more immediates: neither operand transposed (both K-major).
-__device__ __forceinline__ void wgmma_bf16_n64(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WGMMA_D32_REGS "}, %32, %33, p, 1, 1, 0, 0; }"
-               : WGMMA_D32(d) : "l"(da), "l"(db), "r"(accumulate));
-}
-
-__device__ __forceinline__ void wgmma_bf16_n128(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WGMMA_D64_REGS "}, %64, %65, p, 1, 1, 0, 0; }"
-               : WGMMA_D64(d) : "l"(da), "l"(db), "r"(accumulate));
-}
+WGMMA_WRAPPER(wgmma_bf16_n64, "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", WGMMA_D32_REGS, WGMMA_D32,
+              "%32", "%33", "%34", ", 1, 1, 0, 0")
+WGMMA_WRAPPER(wgmma_bf16_n128, "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16", WGMMA_D64_REGS, WGMMA_D64,
+              "%64", "%65", "%66", ", 1, 1, 0, 0")
 
 // The wrapper for an operand type and an n: one 32-byte k step of the 64 x NCOL product.
 template <bool FP8, int NCOL>
 __device__ __forceinline__ void wgmma_step(float* d, u64 da, u64 db, int accumulate) {
-  static_assert(NCOL == 64 || NCOL == 128, "wgmma wrappers exist for n = 64 and 128");
+  static_assert(NCOL == 64 || NCOL == 128, "wgmma_step takes n = 64 and 128 (fp8 n = 96: wgmma_fp8_n96)");
   if constexpr (FP8 && NCOL == 64) wgmma_fp8_n64(d, da, db, accumulate);
   if constexpr (FP8 && NCOL == 128) wgmma_fp8_n128(d, da, db, accumulate);
   if constexpr (!FP8 && NCOL == 64) wgmma_bf16_n64(d, da, db, accumulate);
