@@ -772,11 +772,8 @@ __device__ __forceinline__ void gemm_consumer(const GmRing& ring, const float* _
       fence_regs<BN / 2>(d);
       wgmma_fence();
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {  // the 32-byte k steps; the hardware applies the swizzle to +32c
-        const u64 da = make_desc<128>(a_tile + 32 * c), db = make_desc<128>(b_tile + 32 * c);
-        if constexpr (BN == 128) wgmma_fp8_n128(d, da, db, c > 0);
-        if constexpr (BN == 96) wgmma_fp8_n96(d, da, db, c > 0);
-      }
+      for (int c = 0; c < 4; ++c)  // the 32-byte k steps; the hardware applies the swizzle to +32c
+        wgmma_step<true, BN>(d, make_desc<128>(a_tile + 32 * c), make_desc<128>(b_tile + 32 * c), c > 0);
       wgmma_commit();
       wgmma_wait0();
       fence_regs<BN / 2>(d);

@@ -152,8 +152,9 @@ WGMMA_WRAPPER(wgmma_bf16_n128, "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16
 // The wrapper for an operand type and an n: one 32-byte k step of the 64 x NCOL product.
 template <bool FP8, int NCOL>
 __device__ __forceinline__ void wgmma_step(float* d, u64 da, u64 db, int accumulate) {
-  static_assert(NCOL == 64 || NCOL == 128, "wgmma_step takes n = 64 and 128 (fp8 n = 96: wgmma_fp8_n96)");
+  static_assert(NCOL == 64 || NCOL == 128 || (FP8 && NCOL == 96), "wrappers exist for n = 64, 128 and fp8 96");
   if constexpr (FP8 && NCOL == 64) wgmma_fp8_n64(d, da, db, accumulate);
+  if constexpr (FP8 && NCOL == 96) wgmma_fp8_n96(d, da, db, accumulate);
   if constexpr (FP8 && NCOL == 128) wgmma_fp8_n128(d, da, db, accumulate);
   if constexpr (!FP8 && NCOL == 64) wgmma_bf16_n64(d, da, db, accumulate);
   if constexpr (!FP8 && NCOL == 128) wgmma_bf16_n128(d, da, db, accumulate);
