@@ -334,9 +334,9 @@ def _gemv_buffers(p, Z, N, out):
 
 
 def fp8_linear_gpu(x, w8, w_scale, *, out=None, path=None):
-    """quantize_activations_gpu then fp8_gemm_gpu. x [..., K] float32 or bf16 -> y fp32 [..., N]."""
+    """quantize_activations_gpu then fp8_gemm_gpu (which checks w8 and w_scale are CuPy arrays). x [..., K] float32
+    or bf16 -> y fp32 [..., N]."""
     N, K, _ = _weight_dims(w8, w_scale)
-    want(w8, "w8", _U8, (N, K))
     check(is_gpu(x), lambda: f"x: expected a CuPy array (w8 is one), got {type(x).__name__}")
     x2, lead = _flat_tokens(x, K)
     if out is not None:
