@@ -10,8 +10,8 @@
 //                     -inf past that, then +inf at block 0 and at the query's own block (end - 1) / B
 //      -- barrier: every CTA of the query has written its part of J (a counter in global memory) --
 //   B. top-m          every CTA reads all of J and finds the same m blocks (select.cuh's select_registers:
-//                     the row in registers, radix rounds, ballot compaction; ties to the lower block),
-//                     ascending, -1 padded;
+//                     the row in registers, linear bins, the threshold bin ranked, ballot compaction; ties to
+//                     the lower block), ascending, -1 padded;
 //   C. token scores   CTA g scores the kept blocks of rank g, g + G, ...: slot j of rank r is position
 //                     p = kept[r] * B + j, cand[r * B + j] = ks[p] * sum_h (w[h] qs[h]) ReLU(q[h] . k[p])
 //                     for p < min(end, cap), else -inf;
@@ -48,7 +48,7 @@
 // n and m B are at most THREADS PER (8192): the selections hold their rows in registers.
 //
 // NVRTC-compatible: no #include but kernels/select.cuh, which kernels/_cuda.py:source pastes in.
-// THREADS (512), NWARPS, order_key, row_index, select_registers:
+// THREADS (512), NWARPS, row_index, select_registers:
 #include "select.cuh"
 
 #ifndef HD_DI
@@ -57,7 +57,7 @@
 
 constexpr int KSTEPS = HD_DI / 32;  // one mma consumes 32 bytes of a row
 constexpr int MT = 4;               // head tiles of 16: Hi <= 64
-constexpr int PER = 16;             // keys a thread holds in the selections: rows of up to THREADS PER = 8192
+constexpr int PER = 16;             // values a thread holds in the selections: rows of up to THREADS PER = 8192
 static_assert(HD_DI % 32 == 0 && HD_DI <= 128, "HD_DI must be a multiple of 32, at most 128 (registers)");
 
 #define NEG_INF __uint_as_float(0xff800000u)
@@ -167,18 +167,16 @@ __device__ __forceinline__ void query_barrier(int* counter, int G) {
     __syncthreads();
 }
 
-// Row [0, N) of scores (fp32 in global memory, written by other CTAs) as this thread's keys of
-// select_registers (0 past N); returns J. Every load in flight at once, from L2, each warp's coalesced.
-__device__ __forceinline__ int load_keys(unsigned (&key)[PER], const float* row, int N) {
+// Row [0, N) of scores (fp32 in global memory, written by other CTAs) as this thread's values of
+// select_registers (-inf past N); returns J. Every load in flight at once (none waits for another's value),
+// from L2, each warp's coalesced.
+__device__ __forceinline__ int load_values(float (&v)[PER], const float* row, int N) {
     const int J = (N + 32 * NWARPS - 1) / (32 * NWARPS);
-    float v[PER];
 #pragma unroll
-    for (int j = 0; j < PER; ++j) {  // all the loads first: a key computed as each arrives serialises them
+    for (int j = 0; j < PER; ++j) {
         const int i = row_index(j, J);
         v[j] = j < J && i < N ? __ldcg(row + i) : NEG_INF;
     }
-#pragma unroll
-    for (int j = 0; j < PER; ++j) key[j] = order_key(v[j]);
     return J;
 }
 
@@ -216,18 +214,25 @@ hisa_decode_select(const u8* __restrict__ q, const float* __restrict__ qs, const
         return r < bv ? pk + (long long)r * HD_DI : nullptr;
     };
     unsigned b[KSTEPS][2];
-    load_b(b, block_row(warp));
+    float s0, s1;  // the scales of the two blocks whose scores this lane writes (lanes g == 0)
+    auto load_tile = [&](int tile) {  // the key fragments and the scales, all in flight together
+        load_b(b, block_row(tile));
+        const int c = b0 + 8 * tile + 2 * tig;
+        s0 = g == 0 && c < bv ? __ldg(pks + c) : 0.0f;
+        s1 = g == 0 && c + 1 < bv ? __ldg(pks + c + 1) : 0.0f;
+    };
+    load_tile(warp);
     stage_query(sq, sw, q + (long long)t * Hi * HD_DI, qs + (long long)t * Hi, w + (long long)t * Hi, Hi);
     for (int tile = warp; b0 + 8 * tile < b1; tile += NWARPS) {
         const int c0 = b0 + 8 * tile;
-        if (tile != warp) load_b(b, block_row(tile));
+        if (tile != warp) load_tile(tile);
         if (c0 < nb_t) {  // warp-uniform: a tile with a visible block runs the MMAs
             const float2 v = tile_scores(sq, sw, b);
             if (g == 0) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int c = c0 + 2 * tig + e;
-                    if (c < b1) J_t[c] = c == 0 || c == own ? POS_INF : c < nb_t ? pks[c] * (e ? v.y : v.x) : NEG_INF;
+                    if (c < b1) J_t[c] = c == 0 || c == own ? POS_INF : c < nb_t ? (e ? s1 : s0) * (e ? v.y : v.x) : NEG_INF;
                 }
             }
         } else if (g == 0) {
@@ -238,9 +243,9 @@ hisa_decode_select(const u8* __restrict__ q, const float* __restrict__ qs, const
 
     // B. The m best blocks, every CTA alike, ascending into s_kept (CTA 0 also publishes them).
     {
-        unsigned key[PER];
-        const int Jn = load_keys(key, J_t, n);
-        const int valid = select_registers(key, Jn, m, hist, wbuf, misc, par, [&](int slot, int i) { s_kept[slot] = i; });
+        float vals[PER];
+        const int Jn = load_values(vals, J_t, n);
+        const int valid = select_registers(vals, Jn, m, hist, wbuf, misc, par, [&](int slot, int i) { s_kept[slot] = i; });
         for (int i = imin(valid, m) + tid; i < m; i += THREADS) s_kept[i] = -1;
         __syncthreads();
         if (cta == 0)
@@ -253,15 +258,16 @@ hisa_decode_select(const u8* __restrict__ q, const float* __restrict__ qs, const
         for (int tile = warp; 8 * tile < B; tile += NWARPS) {
             const int j0 = 8 * tile;
             if (blk >= 0 && (long long)blk * B + j0 < limit) {  // warp-uniform: some slot of the tile is visible
-                const long long p = (long long)blk * B + j0 + g;
+                const long long p = (long long)blk * B + j0 + g, pe = (long long)blk * B + j0 + 2 * tig;
                 load_b(b, j0 + g < B && p < limit ? keys + p * HD_DI : nullptr);
+                s0 = g == 0 && j0 + 2 * tig < B && pe < limit ? __ldg(ks + pe) : 0.0f;  // with the keys, not after
+                s1 = g == 0 && j0 + 2 * tig + 1 < B && pe + 1 < limit ? __ldg(ks + pe + 1) : 0.0f;
                 const float2 v = tile_scores(sq, sw, b);
                 if (g == 0) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const int j = j0 + 2 * tig + e;
-                        const long long pe = (long long)blk * B + j;
-                        if (j < B) cand_t[r * B + j] = pe < limit ? ks[pe] * (e ? v.y : v.x) : NEG_INF;
+                        if (j < B) cand_t[r * B + j] = pe + e < limit ? (e ? s1 : s0) * (e ? v.y : v.x) : NEG_INF;
                     }
                 }
             } else if (g == 0) {
@@ -277,10 +283,10 @@ hisa_decode_select(const u8* __restrict__ q, const float* __restrict__ qs, const
     if (!misc[3]) return;
 
     // D. Top-K over the candidates, each chosen slot written as its position.
-    unsigned key[PER];
-    const int Jc = load_keys(key, cand_t, mB);
+    float vals[PER];
+    const int Jc = load_values(vals, cand_t, mB);
     int* out_t = out + (long long)t * K;
-    const int valid = select_registers(key, Jc, K, hist, wbuf, misc, par, [&](int slot, int s) {
+    const int valid = select_registers(vals, Jc, K, hist, wbuf, misc, par, [&](int slot, int s) {
         const int r = lgB >= 0 ? s >> lgB : s / B;  // a shift for power-of-two B
         const int blk = s_kept[r];
         const int p = blk * B + (s - r * B);       // < cap < 2^31: a chosen candidate is visible

@@ -144,6 +144,32 @@ def test_gpu_ragged(Hi, Di, B, m, K, cap):
 
 
 @gpu
+@pytest.mark.parametrize("rows,blocks,outlier", [
+    (2000, 300, False),  # each score a few times over: exact ties inside the threshold bin, which is ranked
+    (50, 5, False),      # ~160 copies of each candidate, ~200 of each block score: too many to rank, radix rounds
+    (None, None, True),  # one key 2^40 times the rest: every other score in the bottom bin, radix rounds
+])
+def test_gpu_ties_and_outliers(rows, blocks, outlier):
+    """Both selections (top-m blocks, top-K candidates) on rows built to take each of select.cuh's paths: exact
+    ties go to the lower block and the lower position, as in the reference."""
+    rng = np.random.default_rng(11)
+    cap, B = 128 * 1024, 128
+    q, qs, w, cache, _ = make_case(rng, 2, 64, 128, B, cap)
+    pos = np.arange(cap)
+    if rows:     # each key row one of `rows` (the candidates' scores repeat)
+        pick = rng.integers(0, rows, cap)
+        cache = {"k": cache["k"][pick], "k_scale": cache["k_scale"][pick]}
+    if blocks:   # block b a copy of block b % blocks (the block means, so the block scores, repeat)
+        pick = (pos // B % blocks) * B + pos % B
+        cache = {"k": cache["k"][pick], "k_scale": cache["k_scale"][pick]}
+    if outlier:
+        cache["k_scale"][77777] *= np.float32(2.0**40)
+    pooled = hisa.PooledKeys(cache, B)
+    pooled.update(0, cap)
+    check_case(q, qs, w, cache, pooled, np.int32([cap, cap - 77]), 64, 2048, f"rows={rows} blocks={blocks}")
+
+
+@gpu
 def test_gpu_ctas_and_repeats():
     """Any number of CTAs a query gives the same bits (the scores do not depend on which CTA computes them), and
     launch after launch on one stream, or on another stream, too (the barrier counters are left zero)."""
