@@ -6,7 +6,7 @@ four kernels, which is right for a prefill chunk of many queries; for one decode
 to nothing to do, and its launch, ramp and dependent memory round trips are the cost. hisa_decode.cu runs
 all four in one launch of G CTAs a query that meet twice (a barrier after the block scores; the last CTA to
 finish the token scores does the top-K). H200, device time, one query at 128K (`python bench/kernels.py
-decode`): 19 us against the four kernels' 27 and DSA's 36.
+decode`, session 8): 17 us against the four kernels' 27 and DSA's 36.
 
 select_gpu returns the selected positions int32 [T, K], ascending, -1 padded; with stages=True also its
 intermediate results (block scores J [T, n], kept blocks [T, m], candidate scores [T, m*B]), so that the
