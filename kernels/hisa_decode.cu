@@ -18,6 +18,8 @@
 //      -- the last CTA of the query to finish C (another counter) goes on alone --
 //   D. top-K          over the m * B candidates (ties to the lower slot = the lower position), chosen slots
 //                     mapped to positions, ascending, -1 padded, into out.
+// J and cand are products computed under CuPy's -ftz=true (subnormal results flush to zero), so they hold
+// no subnormal values, as select_registers' float comparisons require.
 //
 // The scores use mma.sync m16n8k32 e4m3 (sm_89 and later): a warp takes all 64 heads (their q fragments
 // staged once in shared memory) against 8 keys a tile, so the head sum is register FMAs and three shuffles.

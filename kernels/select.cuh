@@ -162,6 +162,9 @@ __device__ __forceinline__ unsigned radix_select(V val, int n, int kth, int top,
 //     values >= thr: each warp counts its own by ballots, one block scan of the warp totals, then each warp
 //     walks its values in order, a ballot prefix count giving each chosen value its slot. A split tie takes
 //     the exact walk over order keys: the values above thr, and the first `need` equal to it.
+// Values are compared as fp32 numbers, and CuPy builds every RawModule with -ftz=true, under which a subnormal
+// compares as zero: a row must hold no subnormal values (hisa_decode's are products computed under the same
+// flag, which flushes subnormal results to zero), or two of them may be ranked as a tie.
 // Block-uniform; clobbers hist, misc[0..2] and misc[4..7] (not misc[3]) and wbuf (a barrier must separate the
 // caller's last use of wbuf from this call); ends after a barrier.
 __device__ __forceinline__ int row_index(int j, int J) {
