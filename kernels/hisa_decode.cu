@@ -234,7 +234,8 @@ hisa_decode_select(const u8* __restrict__ q, const float* __restrict__ qs, const
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int c = c0 + 2 * tig + e;
-                    if (c < b1) J_t[c] = c == 0 || c == own ? POS_INF : c < nb_t ? (e ? s1 : s0) * (e ? v.y : v.x) : NEG_INF;
+                    if (c < b1)
+                        J_t[c] = c == 0 || c == own ? POS_INF : c < nb_t ? (e ? s1 : s0) * (e ? v.y : v.x) : NEG_INF;
                 }
             }
         } else if (g == 0) {
@@ -247,7 +248,8 @@ hisa_decode_select(const u8* __restrict__ q, const float* __restrict__ qs, const
     {
         float vals[PER];
         const int Jn = load_values(vals, J_t, n);
-        const int valid = select_registers(vals, Jn, m, hist, wbuf, misc, par, [&](int slot, int i) { s_kept[slot] = i; });
+        const int valid = select_registers(vals, Jn, m, hist, wbuf, misc, par,
+                                           [&](int slot, int i) { s_kept[slot] = i; });
         for (int i = imin(valid, m) + tid; i < m; i += THREADS) s_kept[i] = -1;
         __syncthreads();
         if (cta == 0)
