@@ -49,9 +49,10 @@
 //   sq uint4[MT KSTEPS 32] | sw float[64] | hist int[NBINS] | wbuf int[64] | misc int[16] | kept int[m]
 // n and m B are at most THREADS PER (8192): the selections hold their rows in registers.
 //
-// NVRTC-compatible: no #include but kernels/select.cuh, which kernels/_cuda.py:source pastes in.
-// THREADS (512), NWARPS, row_index, select_registers:
+// NVRTC-compatible: no #include but kernels/select.cuh and kernels/hopper.cuh, which kernels/_cuda.py:source
+// pastes in. THREADS (512), NWARPS, row_index, select_registers; u8, mma_e4m3_16832:
 #include "select.cuh"
+#include "hopper.cuh"
 
 #ifndef HD_DI
 #define HD_DI 128
@@ -64,19 +65,6 @@ static_assert(HD_DI % 32 == 0 && HD_DI <= 128, "HD_DI must be a multiple of 32, 
 
 #define NEG_INF __uint_as_float(0xff800000u)
 #define POS_INF __uint_as_float(0x7f800000u)
-
-typedef unsigned char u8;
-
-// D += A * B for one 16x8 tile and 32 bytes of K (fp8 e4m3, fp32 accumulators). A: rows g, g+8 (a0/a2: row
-// g, a1/a3: row g+8; a0/a1 bytes 4 tig.., a2/a3 bytes 16 + 4 tig..); B: key g, bytes 4 tig.. (b0) and
-// 16 + 4 tig.. (b1); D: c0, c1 = (row g, keys 2 tig, 2 tig + 1), c2, c3 = (row g + 8, same keys).
-__device__ __forceinline__ void mma_e4m3(float* c, const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ unsigned ld_u32(const u8* p) { return __ldg(reinterpret_cast<const unsigned*>(p)); }
 
@@ -141,7 +129,7 @@ __device__ __forceinline__ float2 tile_scores(const uint4* sq, const float* sw, 
         for (int mt = 0; mt < MT; ++mt) {
             const uint4 f = sq[(mt * KSTEPS + ks) * 32 + lane];
             const unsigned a[4] = {f.x, f.y, f.z, f.w};
-            mma_e4m3(acc[mt], a, b[ks][0], b[ks][1]);
+            mma_e4m3_16832(acc[mt], a, b[ks][0], b[ks][1]);  // hopper.cuh
         }
     float v0 = 0.0f, v1 = 0.0f;
 #pragma unroll

@@ -132,16 +132,12 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 // ---------------------------------------------------------------------------------------------------
 // mma.sync kernel
 
-// D += A * B for one 16x8 tile and 32 bytes of K. A: rows g, g+8 (a0/a2: row g, a1/a3: row g+8; a0/a1
-// bytes 4*tig.., a2/a3 bytes 16+4*tig..); B: key g, bytes 4*tig.. (b0) and 16+4*tig.. (b1);
-// D: c0,c1 = (row g, keys 2*tig, 2*tig+1), c2,c3 = (row g+8, same keys).
+// D += A * B for one 16x8 tile and 32 bytes of K (e4m3: hopper.cuh's mma_e4m3_16832; bf16: m16n8k16). A: rows
+// g, g+8 (a0/a2: row g, a1/a3: row g+8; a0/a1 bytes 4*tig.., a2/a3 bytes 16+4*tig..); B: key g, bytes 4*tig..
+// (b0) and 16+4*tig.. (b1); D: c0,c1 = (row g, keys 2*tig, 2*tig+1), c2,c3 = (row g+8, same keys).
 __device__ __forceinline__ void mma32(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
 #if HT_FP8
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_e4m3_16832(c, a, b0, b1);
 #else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

@@ -5,10 +5,10 @@
 //   #include "hopper.cuh"
 // which nvcc resolves beside it, and which kernels/_cuda.py:source() replaces with this text for NVRTC at run
 // time (it cannot resolve includes on the GPU machine) and for the CPU compile tests. Users: indexer.cu,
-// hisa_tokens.cu and fp8_gemm.cu (cp.async, tiles, wgmma, mbarriers, bulk copies), and sparse_mla.cu
-// (smem_addr, cp.async). The wgmma, mbarrier and bulk-copy parts exist only for sm_90a
-// (__CUDA_ARCH_FEAT_SM90_ALL); the rest is sm_80+ PTX (fence.proxy.async: sm_90), emitted only where a kernel
-// calls it.
+// hisa_tokens.cu and fp8_gemm.cu (cp.async, tiles, wgmma, mbarriers, bulk copies), sparse_mla.cu (smem_addr,
+// cp.async), hisa_tokens.cu and hisa_decode.cu (the e4m3 mma.sync: sm_89+). The wgmma, mbarrier and bulk-copy
+// parts exist only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the rest is sm_80+ PTX (fence.proxy.async: sm_90),
+// emitted only where a kernel calls it.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -49,6 +49,20 @@ __device__ __forceinline__ void st_stream(float* p, float v) {
 }
 
 __device__ __forceinline__ void trap() { asm volatile("trap;"); }
+
+// ---------------------------------------------------------------------------------------------------
+// mma.sync (sm_89+)
+
+// D += A * B for one 16x8 tile and 32 bytes of K, fp8 e4m3 in, fp32 accumulators. A: rows g, g+8 (a0/a2:
+// row g, a1/a3: row g+8; a0/a1 bytes 4 tig.., a2/a3 bytes 16 + 4 tig..); B: column g, bytes 4 tig.. (b0)
+// and 16 + 4 tig.. (b1); D: c0, c1 = (row g, columns 2 tig, 2 tig + 1), c2, c3 = (row g + 8, same columns).
+__device__ __forceinline__ void mma_e4m3_16832(float* c, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Swizzled shared tiles (the layouts wgmma reads; ldmatrix reads them without bank conflicts)
