@@ -509,10 +509,13 @@ class Selector:
     def __init__(self, cfg, mode, block_size=None, blocks=None):
         if mode not in INDEXERS:
             raise InputError(f"indexer {mode!r} is not one of {', '.join(INDEXERS)}")
+        for what, v in (("HISA block size", block_size), ("HISA blocks kept", blocks)):
+            if v is not None and not (isinstance(v, (int, np.integer)) and v >= 1):
+                raise InputError(f"{what} {v}: a whole number, at least 1")
         K = cfg.index_topk
         self.mode, self.K = mode, K
-        self.B = block_size or max(1, K // 16)  # the paper's ratios: B = K/16, m = 64 (m*B = 4K)
-        self.m = blocks or 64
+        self.B = max(1, K // 16) if block_size is None else int(block_size)  # the paper's ratios: B = K/16,
+        self.m = 64 if blocks is None else int(blocks)                       # m = 64 (m*B = 4K)
         if mode == "block" and self.B > K:
             raise InputError(f"block size {self.B} exceeds index_topk {K}: block-sparse would keep no block")
 
@@ -616,6 +619,9 @@ def load(folder, device="auto", precision="fp8", progress=True, weights="auto", 
     ckpt = Checkpoint(folder)
     cfg = Config.from_dict(ckpt.config, where=os.path.join(folder, "config.json"))
     xp = select_device(device)
+    if xp is np and gpus is not None:
+        raise InputError(f"--gpus {gpus}: the model runs on the CPU here "
+                         f"({'--device cpu' if device == 'cpu' else 'no CUDA GPU is visible to CuPy'})")
     if xp is not np and gpus is not None and gpus > xp.cuda.runtime.getDeviceCount():
         raise InputError(f"--gpus {gpus}: {xp.cuda.runtime.getDeviceCount()} GPU(s) are visible")
     params, _ = load_params(ckpt, cfg, folder, xp, weights, gpus, progress)
@@ -635,6 +641,27 @@ def select_device(device):
 
 # ----------------------------------------------------------------------------------------------------
 # Generation
+
+def check_sampling(temperature, top_p, seed):
+    """InputError unless temperature >= 0 (0: greedy), 0 < top_p <= 1 (1: no cut) and seed is an integer >= 0."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature {temperature}: a finite number >= 0 (0 decodes greedily)")
+    if not 0 < top_p <= 1:  # false for NaN too
+        raise InputError(f"top-p {top_p}: in (0, 1] (1 keeps every token)")
+    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise InputError(f"seed {seed}: a whole number >= 0")
+
+
+def check_length(cfg, n, max_new_tokens):
+    """InputError unless the prompt has tokens and prompt plus new tokens fit the model's positions."""
+    if n == 0:
+        raise InputError("the prompt is empty (0 tokens)")
+    if max_new_tokens < 1:
+        raise InputError(f"max new tokens {max_new_tokens}: at least 1")
+    if n + max_new_tokens > cfg.max_position_embeddings:
+        raise InputError(f"prompt has {n} tokens and {max_new_tokens} more were asked for: "
+                         f"{n + max_new_tokens} > max_position_embeddings {cfg.max_position_embeddings}")
+
 
 def sample(logits, temperature, top_p, rng):
     """Greedy at temperature 0 (lowest id on ties), else softmax(logits / T) cut to the top-p mass."""
@@ -657,11 +684,8 @@ def generate(model, prompt_ids, max_new_tokens, selector, temperature=0.0, top_p
     """Prefill the prompt, then decode one token at a time. Returns (new ids, stats)."""
     cfg = model.cfg
     n = len(prompt_ids)
-    if n == 0:
-        raise InputError("the prompt is empty (0 tokens)")
-    if n + max_new_tokens > cfg.max_position_embeddings:
-        raise InputError(f"prompt has {n} tokens and {max_new_tokens} more were asked for: "
-                         f"{n + max_new_tokens} > max_position_embeddings {cfg.max_position_embeddings}")
+    check_length(cfg, n, max_new_tokens)
+    check_sampling(temperature, top_p, seed)
     rng = np.random.default_rng(seed)
     cache = model.new_cache(n + max_new_tokens)
     t0 = time.perf_counter()
@@ -697,9 +721,10 @@ def main(argv=None):
     ap.add_argument("--hisa-block", type=int, default=None, help="HISA block size B (default index_topk/16)")
     ap.add_argument("--hisa-blocks", type=int, default=None, help="HISA blocks kept m (default 64)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.7, help=">= 0; 0 for greedy decoding")
+    ap.add_argument("--top-p", type=float, default=0.9, help="in (0, 1]: sample from the most likely tokens "
+                    "holding this much probability; 1 keeps every token")
+    ap.add_argument("--seed", type=int, default=0, help=">= 0")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the V3.2 chat encoding")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
@@ -726,12 +751,14 @@ def run(args):
         raise InputError(f"--chunk {args.chunk}: at least 1")
     if not args.prompt:
         raise InputError("the prompt is empty (0 characters)")
+    check_sampling(args.temperature, args.top_p, args.seed)
     cfg, model, ckpt = load(args.ckpt, args.device, args.precision, weights=args.weights, gpus=args.gpus)
     tok = Tokenizer(ckpt.tokenizer_path)
     if args.chat:
         ids = tok.encode_chat(args.prompt, bos_id=cfg.bos_token_id)
     else:
         ids = [cfg.bos_token_id] + tok.encode(args.prompt)
+    check_length(cfg, len(ids), args.max_new_tokens)  # before the prompt is echoed
     selector = Selector(cfg, args.indexer, args.hisa_block, args.hisa_blocks)
     stream = StreamDecoder(tok)
     gpus = len({layer.device for layer in model.layers})

@@ -113,7 +113,26 @@ def test_config_missing_field(base, tmp_path):
 
 
 def test_prompt_too_long(base):
-    expect_error(*cli("--ckpt", str(base), "--prompt", "x" * 1100), "1101", "1024")
+    code, out, err = cli("--ckpt", str(base), "--prompt", "x" * 1100)
+    expect_error(code, out, err, "1101", "1024")
+    assert out == "", "the prompt is echoed only once the request is known to fit"
+
+
+@pytest.mark.parametrize("args,needles", [
+    (("--temperature", "-1"), ("temperature -1.0", ">= 0")),
+    (("--temperature", "nan"), ("temperature nan",)),
+    (("--top-p", "0"), ("top-p 0.0", "(0, 1]")),
+    (("--top-p", "1.5"), ("top-p 1.5",)),
+    (("--seed", "-1"), ("seed -1",)),
+    (("--indexer", "hisa", "--hisa-block", "0"), ("HISA block size 0",)),
+    (("--indexer", "hisa", "--hisa-blocks", "-2"), ("HISA blocks kept -2",)),
+    (("--gpus", "2"), ("--gpus 2", "--device cpu")),
+])
+def test_bad_request(base, args, needles):
+    """Sampling and HISA settings out of range, or GPUs asked of the CPU path: one line, before any output."""
+    code, out, err = cli("--ckpt", str(base), "--prompt", "hi", "--max-new-tokens", "2", *args)
+    expect_error(code, out, err, *needles)
+    assert out == ""
 
 
 def test_empty_prompt(base):

@@ -3,6 +3,7 @@
 Runs on the CPU (numpy) always and on the GPU (CuPy) when one is visible.
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -273,3 +274,29 @@ def test_generate_greedy_and_sampled(ckpt_dir):
     # greedy decode equals the argmax of a full forward over prompt + generated tokens
     logits = m.prefill(ids + a[:-1], m.new_cache(len(ids) + 7), sel, all_logits=True)
     assert list(np.argmax(to_np(logits[len(ids) - 1:]), -1)) == a
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"max_new_tokens": 0}, "max new tokens 0"),
+    ({"temperature": -0.5}, "temperature -0.5"),
+    ({"temperature": float("inf")}, "temperature inf"),
+    ({"top_p": 0.0}, "top-p 0.0"),
+    ({"top_p": float("nan")}, "top-p nan"),
+    ({"seed": -3}, "seed -3"),
+    ({"seed": 1.5}, "seed 1.5"),
+])
+def test_generate_rejects_bad_requests(ckpt_dir, kwargs, needle):
+    """generate() names the bad argument before any work (it once ran a token for max_new_tokens = 0, decoded
+    greedily at a negative temperature and failed inside numpy on a negative seed)."""
+    m = get_model(ckpt_dir, "cpu")
+    args = {"max_new_tokens": 4} | kwargs
+    with pytest.raises(M.InputError, match=re.escape(needle)):
+        M.generate(m, prompt(5), args.pop("max_new_tokens"), M.Selector(m.cfg, "dsa"), **args)
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"block_size": 0}, "HISA block size 0"),
+                                           ({"blocks": -1}, "HISA blocks kept -1"),
+                                           ({"block_size": 2.5}, "HISA block size 2.5")])
+def test_selector_rejects_bad_hisa_sizes(ckpt_dir, kwargs, needle):
+    with pytest.raises(M.InputError, match=re.escape(needle)):
+        M.Selector(get_model(ckpt_dir, "cpu").cfg, "hisa", **kwargs)
