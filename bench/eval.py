@@ -83,12 +83,25 @@ def make_grid(cfg, budget, quick, gpu, args):
         lengths = [1024 << i for i in range(8) if 1024 << i <= top] or [top]
         sens = max([n for n in lengths if n <= top // 2] or lengths[:1])  # the training length, for dsv32-small
         g = Grid(lengths, [0.1, 0.3, 0.5, 0.7, 0.9], 10, [512] + lengths, 2, sens, 4096 if gpu else 512)
-    for field in ("docs", "windows", "chunk", "seed", "sens_length"):
-        if getattr(args, field, None) is not None:
-            setattr(g, field, getattr(args, field))
-    for field, conv in (("lengths", int), ("depths", float), ("ppl_lengths", int)):
-        if getattr(args, field, None):
-            setattr(g, field, [conv(v) for v in getattr(args, field).split(",")])
+    for field, least in (("docs", 1), ("windows", 1), ("chunk", 1), ("seed", 0), ("sens_length", 2)):
+        v = getattr(args, field, None)
+        if v is not None:
+            if v < least:
+                raise M.InputError(f"--{field.replace('_', '-')} {v}: at least {least}")
+            setattr(g, field, v)
+    for field, conv, what in (("lengths", int, "whole numbers"), ("depths", float, "numbers in [0, 1]"),
+                              ("ppl_lengths", int, "whole numbers")):
+        text = getattr(args, field, None)
+        if text:
+            try:
+                setattr(g, field, [conv(v) for v in text.split(",")])
+            except ValueError:
+                raise M.InputError(f"--{field.replace('_', '-')} {text!r}: comma-separated {what}") from None
+    if not all(0 <= d <= 1 for d in g.depths):
+        raise M.InputError(f"--depths {g.depths}: each in [0, 1] (the share of the filler before the needle)")
+    too_short = [n for n in g.lengths + g.ppl_lengths if n < 2]
+    if too_short:
+        raise M.InputError(f"lengths {too_short}: at least 2 tokens")
     too_long = [n for n in g.lengths + g.ppl_lengths + [g.sens_length] if n > top]
     if too_long:
         raise M.InputError(f"lengths {too_long} exceed max_position_embeddings {top}")
@@ -281,6 +294,11 @@ def evaluate(model, tok_path, heldout, grid, clock=None):
     selectors = {"dense": M.Selector(cfg, "dense"), "dsa": probe, "hisa": default, "block": block}
     streams = corpus.TokenStream.from_arrays(heldout)
     pieces = corpus.Pieces.build(Tokenizer(tok_path))
+    for L in sorted(set(grid.lengths) | {grid.sens_length}):  # every pass-key length holds a document: say so now
+        try:
+            corpus.passkey_doc(np.random.default_rng(0), streams, pieces, L, corpus.FILLER)
+        except ValueError as e:  # passkey_doc's one error: the needle and the question do not fit in L ids
+            raise M.InputError(f"pass-key length: {e}") from None
 
     # 2. needle in a haystack (its DSA forwards feed 1.)
     acc = {mode: np.zeros((len(grid.lengths), len(grid.depths))) for mode in MODES}
@@ -562,7 +580,12 @@ def main(argv=None):
                     help="write a random-weights stand-in checkpoint at DIR (if absent) and evaluate it")
     args = ap.parse_args(argv)
     if args.replot:
-        with open(os.path.join(args.replot, "results.json")) as f:
+        path = os.path.join(args.replot, "results.json")
+        if not os.path.isfile(path):
+            print(f"error: --replot {args.replot}: no results.json there (a folder that make eval wrote)",
+                  file=sys.stderr)
+            return 2
+        with open(path) as f:
             paths = plot(json.load(f), args.replot)
         print("wrote " + ", ".join(paths) if paths else "matplotlib does not import here: no plots")
         return 0 if paths else 1

@@ -187,3 +187,28 @@ def test_missing_heldout_is_an_error(stand_in, tmp_path, capsys):
             os.symlink(os.path.join(stand_in[0], name), folder / name)
     assert ev.main(["--ckpt", str(folder), "--device", "cpu", "--quick", "--out", str(tmp_path / "o")]) == 2
     assert "heldout.npz: missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lengths", "1k"], "--lengths '1k': comma-separated whole numbers"),
+    (["--lengths", "20"], "length 20 is too short for a pass-key document"),
+    (["--depths", "0.5,1.5"], "--depths [0.5, 1.5]: each in [0, 1]"),
+    (["--ppl-lengths", "1"], "lengths [1]: at least 2 tokens"),
+    (["--docs", "0"], "--docs 0: at least 1"),
+    (["--windows", "-1"], "--windows -1: at least 1"),
+    (["--chunk", "0"], "--chunk 0: at least 1"),
+    (["--seed", "-2"], "--seed -2: at least 0"),
+    (["--sens-length", "0"], "--sens-length 0: at least 2"),
+])
+def test_bad_grid_is_an_error(stand_in, tmp_path, capsys, args, needle):
+    """A grid value out of range is refused with one line before any measurement (each once ran for minutes
+    or ended in a traceback from inside numpy or the corpus)."""
+    out = tmp_path / "o"
+    assert ev.main(["--ckpt", stand_in[0], "--device", "cpu", "--quick", "--out", str(out), *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_replot_without_results_is_an_error(tmp_path, capsys):
+    assert ev.main(["--replot", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
