@@ -46,6 +46,9 @@ def index_scores_reference(q, w, k, ends, q_scale=None, k_scale=None, starts=Non
     check(fp8 == (k_scale is not None), "index_scores: give both q_scale and k_scale (fp8) or neither")
     check(k.shape == (N, Di), lambda: f"index_scores: k has shape {k.shape}, expected ({N}, {Di})")
     check(w.shape == (T, Hi), lambda: f"index_scores: w has shape {w.shape}, expected ({T}, {Hi})")
+    for name, a in (("ends", ends), ("starts", starts)):
+        check(a is None or xp.asarray(a).size == T,
+              lambda: f"index_scores: {name} of shape {xp.asarray(a).shape}, expected ({T},): one a query")
     ends = xp.asarray(ends).astype(np.int64).reshape(T)
     starts = xp.zeros(T, np.int64) if starts is None else xp.asarray(starts).astype(np.int64).reshape(T)
     check(T == 0 or int(ends.max()) <= N,

@@ -45,9 +45,14 @@ def topk_reference(scores, k, lengths=None):
     """The definition: columns >= lengths[r] become -inf; stable argsort of -scores (lower index first
     among equals, NaN last), keep the first k valid entries, sort them ascending, pad with -1."""
     s = np.asarray(scores)
+    check(s.ndim == 2, lambda: f"topk: scores of shape {s.shape}, expected [rows, columns]")
     R, N = s.shape
+    check(isinstance(k, (int, np.integer)) and k >= 0, lambda: f"topk: k = {k}, expected a whole number >= 0")
     if lengths is not None:
-        L = np.clip(np.asarray(lengths.get() if is_gpu(lengths) else lengths, np.int64).reshape(R), 0, N)
+        L = np.asarray(lengths.get() if is_gpu(lengths) else lengths)
+        check(L.size == R and L.dtype.kind in "iu",
+              lambda: f"topk: lengths of dtype {L.dtype} and shape {L.shape}, expected {R} integers (one a row)")
+        L = np.clip(L.astype(np.int64).reshape(R), 0, N)
         s = np.where(np.arange(N) < L[:, None], s, s.dtype.type(-np.inf))
     valid = ~(np.isnan(s) | (s == -np.inf))
     order = np.argsort(-s, axis=-1, kind="stable")
@@ -204,6 +209,7 @@ def topk(scores, k, lengths=None, *, blocks=None, B=None, ends=None):
     """Top-k columns [R, k] of each row (the module docstring); with blocks, B (and ends), their positions."""
     if is_gpu(scores):
         return topk_gpu(scores, k, lengths, blocks=blocks, B=B, ends=ends)
+    check(np.ndim(scores) == 2, lambda: f"topk: scores of shape {np.shape(scores)}, expected [rows, columns]")
     B = _check_map(np.shape(scores)[1], blocks, B, ends)
     out = topk_reference(scores, k, lengths)
     return out if blocks is None else slots_to_positions_reference(out, np.asarray(blocks), B,

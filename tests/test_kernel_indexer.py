@@ -106,11 +106,15 @@ def test_reference_fp8_equals_dequantised_float64():
     assert_scores_close(got, want, 1e-6, "fp8 vs dequantised")
 
 
-def test_reference_rejects_ends_past_n():
+def test_reference_rejects_bad_ranges():
     rng = np.random.default_rng(3)
     q, w, k, _, _ = random_inputs(rng, 2, 5, 4, 8, False)
     with pytest.raises(ValueError, match="past N"):
         index_scores_reference(q, w, k, np.array([3, 6], np.int32))
+    with pytest.raises(ValueError, match=r"ends of shape \(3,\), expected \(2,\)"):
+        index_scores_reference(q, w, k, np.array([3, 4, 5], np.int32))
+    with pytest.raises(ValueError, match=r"starts of shape \(1,\)"):
+        index_scores_reference(q, w, k, np.array([3, 4], np.int32), starts=np.array([0], np.int32))
 
 
 def test_reference_batches_do_not_change_results():

@@ -87,6 +87,20 @@ def test_slot_map_arguments():
         topk(x, 4, B=3)
 
 
+def test_reference_arguments():
+    """The numpy path names a bad argument (it once failed inside numpy: a negative k, one row as a vector,
+    lengths for another number of rows)."""
+    x = np.zeros((3, 10), np.float32)
+    with pytest.raises(ValueError, match="k = -1"):
+        topk(x, -1)
+    with pytest.raises(ValueError, match=r"scores of shape \(10,\)"):
+        topk(x[0], 2)
+    with pytest.raises(ValueError, match="expected 3 integers"):
+        topk(x, 2, np.int32([4, 5]))
+    with pytest.raises(ValueError, match="dtype float32"):
+        topk(x, 2, np.float32([4, 5, 6]))
+
+
 def test_launch_policy():
     """Few rows are split over CTAs to fill the GPU (two CTAs an SM), many rows take one CTA each; the
     candidate buffer lets two CTAs share an SM (H100/H200 numbers)."""
