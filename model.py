@@ -16,6 +16,7 @@ and the hidden state follows the layers from GPU to GPU.
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -78,6 +79,8 @@ class Config:
     bos_token_id: int = 0
     eos_token_id: int = 1
 
+    MAY_BE_ZERO = ("first_k_dense_replace", "bos_token_id", "eos_token_id")  # every other count or size is >= 1
+
     @classmethod
     def from_dict(cls, d, where="config.json"):
         d = dict(d)
@@ -88,6 +91,18 @@ class Config:
         missing = [n for n in required if d.get(n) is None]
         if missing:
             raise ConfigError(f"{where}: missing required field(s) {', '.join(missing)}")
+        for n, f in fields.items():  # JSON gives any type: each field must hold its own
+            v = d.get(n)
+            ok = (v is None or (f.type is bool and isinstance(v, bool))
+                  or (f.type is int and isinstance(v, int) and not isinstance(v, bool)
+                      and v >= (0 if n in cls.MAY_BE_ZERO else 1))
+                  or (f.type is float and isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and math.isfinite(v) and v > 0)
+                  or (f.type is dict and isinstance(v, dict)))
+            if not ok:
+                want = {bool: "true or false", int: f"a whole number >= {0 if n in cls.MAY_BE_ZERO else 1}",
+                        float: "a finite number > 0", dict: "an object"}[f.type]
+                raise ConfigError(f"{where}: {n} = {json.dumps(v)}: expected {want}")
         cfg = cls(**{n: d[n] for n in fields if d.get(n) is not None})
         cfg.validate(where)
         return cfg
@@ -96,6 +111,9 @@ class Config:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(f"{where}: {msg}")
+        for name in ("bos_token_id", "eos_token_id"):
+            need(getattr(self, name) < self.vocab_size,
+                 f"{name} {getattr(self, name)} is not below vocab_size {self.vocab_size}")
         need(self.n_routed_experts % self.n_group == 0,
              f"n_routed_experts {self.n_routed_experts} is not a multiple of n_group {self.n_group}")
         need(self.topk_group <= self.n_group, f"topk_group {self.topk_group} > n_group {self.n_group}")

@@ -300,3 +300,22 @@ def test_generate_rejects_bad_requests(ckpt_dir, kwargs, needle):
 def test_selector_rejects_bad_hisa_sizes(ckpt_dir, kwargs, needle):
     with pytest.raises(M.InputError, match=re.escape(needle)):
         M.Selector(get_model(ckpt_dir, "cpu").cfg, "hisa", **kwargs)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("hidden_size", "big", 'hidden_size = "big": expected a whole number >= 1'),
+    ("num_hidden_layers", 0, "num_hidden_layers = 0: expected a whole number >= 1"),
+    ("num_hidden_layers", True, "num_hidden_layers = true"),
+    ("index_topk", 2.5, "index_topk = 2.5"),
+    ("first_k_dense_replace", -1, "first_k_dense_replace = -1: expected a whole number >= 0"),
+    ("norm_topk_prob", 1, "norm_topk_prob = 1: expected true or false"),
+    ("rms_norm_eps", 0, "rms_norm_eps = 0: expected a finite number > 0"),
+    ("rope_scaling", [1], "rope_scaling = [1]: expected an object"),
+    ("eos_token_id", 10 ** 6, "eos_token_id 1000000 is not below vocab_size"),
+])
+def test_config_field_types(field, value, needle):
+    """config.json comes from anywhere: a field of the wrong type or out of range is named with its file
+    (a string size once ended in a TypeError deep in the model's construction)."""
+    with pytest.raises(M.ConfigError, match=re.escape(f"cfg.json: {needle}")):
+        M.Config.from_dict(dict(TINY_CONFIG, **{field: value}), where="cfg.json")
+    M.Config.from_dict(TINY_CONFIG, where="cfg.json")  # the unedited config loads
