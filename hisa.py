@@ -30,6 +30,8 @@ class PooledKeys:
     """Block means of one layer's indexer key cache: fp8 bits with one scale per block, or fp32."""
 
     def __init__(self, index_cache, B):
+        if not (isinstance(B, (int, np.integer)) and B >= 1):
+            raise ValueError(f"PooledKeys: block size {B}, expected a whole number >= 1")
         keys = index_cache["k"]
         xp = xp_of(keys)
         capacity, Di = keys.shape
@@ -40,7 +42,12 @@ class PooledKeys:
         self.k_scale = xp.zeros(n_blocks, np.float32) if fp8 else None
 
     def update(self, start, S):
-        """Keys [start, S) were just appended: re-pool the blocks they touch."""
+        """Keys [start, S) were just appended: re-pool the blocks they touch. start <= the length pooled so far
+        (a gap would leave blocks never pooled) and S <= the cache's capacity."""
+        capacity = self.index_cache["k"].shape[0]
+        if not 0 <= start <= min(self.length, S) or S > capacity:
+            raise ValueError(f"PooledKeys.update: keys [{start}, {S}) with {self.length} pooled so far and a "
+                             f"cache of {capacity}: need 0 <= start <= {self.length}, start <= S <= {capacity}")
         pool_blocks(self.index_cache["k"], self.index_cache["k_scale"], S, self.B, start // self.B, self.k, self.k_scale)
         self.length = S
 
@@ -59,6 +66,11 @@ def select(q, q_scale, w, index_cache, pooled, ends, K, m, fused=None):
     On the GPU a few fp8 queries (decode: up to hisa_decode.MAX_QUERIES) take one fused launch
     (kernels/hisa_decode.cu); otherwise the four steps below run as four kernels (or as the numpy
     references). fused=False always takes the four steps (tests, benchmarks)."""
+    if not (K >= 1 and m >= 1):
+        raise ValueError(f"hisa.select: K = {K} positions and m = {m} blocks, both must be >= 1")
+    if not is_gpu(ends) and len(ends) and int(np.max(ends)) > pooled.length:  # on the GPU the kernels clamp
+        raise ValueError(f"hisa.select: ends reach {int(np.max(ends))}, past the {pooled.length} positions pooled "
+                         f"(PooledKeys.update first)")
     if is_gpu(q) and fused is not False and len(ends) <= hisa_decode.MAX_QUERIES:
         n_blocks = -(-pooled.length // pooled.B)
         if hisa_decode.why_not(len(ends), q.shape[1], q.shape[2], q_scale is not None, n_blocks, m, pooled.B,

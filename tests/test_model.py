@@ -233,6 +233,28 @@ def test_hisa_sets(device):
     assert overlap > 0.5, f"HISA keeps only {overlap:.2f} of DSA's selections beyond m*B"  # not a bound, a sanity check
 
 
+def test_hisa_arguments():
+    """hisa's API names a bad argument: a block size or counts below 1, an update that would leave blocks
+    unpooled or run past the cache, ends past what was pooled (numpy; on the GPU the kernels clamp, no sync)."""
+    S = 100
+    q, qs, w, cache = random_index_cache(np, S)
+    with pytest.raises(ValueError, match="block size 0"):
+        hisa.PooledKeys(cache, 0)
+    pooled = hisa.PooledKeys(cache, 8)
+    with pytest.raises(ValueError, match=r"keys \[16, 40\) with 0 pooled so far"):
+        pooled.update(16, 40)  # blocks 0 and 1 would never be pooled
+    with pytest.raises(ValueError, match="start <= S <= 100"):
+        pooled.update(0, S + 1)
+    pooled.update(0, 60)
+    pooled.update(60, 61)
+    ends = np.int32([10, 61])
+    with pytest.raises(ValueError, match="m = 0 blocks"):
+        hisa.select(q[:2], qs[:2], w[:2], cache, pooled, ends, 8, 0)
+    with pytest.raises(ValueError, match="ends reach 80, past the 61 positions pooled"):
+        hisa.select(q[:2], qs[:2], w[:2], cache, pooled, np.int32([10, 80]), 8, 4)
+    assert hisa.select(q[:2], qs[:2], w[:2], cache, pooled, ends, 8, 4).shape == (2, 8)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_block_sparse_selects_whole_blocks(device):
     xp = np if device == "cpu" else __import__("cupy")
