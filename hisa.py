@@ -19,7 +19,7 @@ blocks they touch (decode refreshes just the partial last block).
 import numpy as np
 
 from kernels import hisa_decode
-from kernels._cuda import is_gpu, xp_of
+from kernels._cuda import is_gpu, is_whole, xp_of
 from kernels.hisa_tokens import hisa_token_scores
 from kernels.indexer import hisa_block_scores
 from kernels.pool import pool_blocks
@@ -30,7 +30,7 @@ class PooledKeys:
     """Block means of one layer's indexer key cache: fp8 bits with one scale per block, or fp32."""
 
     def __init__(self, index_cache, B):
-        if not (isinstance(B, (int, np.integer)) and B >= 1):
+        if not is_whole(B, 1):
             raise ValueError(f"PooledKeys: block size {B}, expected a whole number >= 1")
         keys = index_cache["k"]
         xp = xp_of(keys)

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 import hisa
-from kernels._cuda import HAVE_GPU, device_of, on_device, to_device, xp_of
+from kernels._cuda import HAVE_GPU, device_of, is_whole, on_device, to_device, xp_of
 from kernels.fp8_gemm import fp8_grouped_linear, fp8_linear, fp8_roundtrip_rows, quantize_rows
 from kernels.indexer import index_scores
 from kernels.sparse_mla import sparse_mla
@@ -93,15 +93,15 @@ class Config:
             raise ConfigError(f"{where}: missing required field(s) {', '.join(missing)}")
         for n, f in fields.items():  # JSON gives any type: each field must hold its own
             v = d.get(n)
-            ok = (v is None or (f.type is bool and isinstance(v, bool))
-                  or (f.type is int and isinstance(v, int) and not isinstance(v, bool)
-                      and v >= (0 if n in cls.MAY_BE_ZERO else 1))
-                  or (f.type is float and isinstance(v, (int, float)) and not isinstance(v, bool)
-                      and math.isfinite(v) and v > 0)
-                  or (f.type is dict and isinstance(v, dict)))
+            if v is None:
+                continue
+            least = 0 if n in cls.MAY_BE_ZERO else 1
+            want, ok = {bool: ("true or false", isinstance(v, bool)),
+                        int: (f"a whole number >= {least}", is_whole(v, least)),
+                        float: ("a finite number > 0",
+                                (is_whole(v, 1) or isinstance(v, float)) and math.isfinite(v) and v > 0),
+                        dict: ("an object", isinstance(v, dict))}[f.type]
             if not ok:
-                want = {bool: "true or false", int: f"a whole number >= {0 if n in cls.MAY_BE_ZERO else 1}",
-                        float: "a finite number > 0", dict: "an object"}[f.type]
                 raise ConfigError(f"{where}: {n} = {json.dumps(v)}: expected {want}")
         cfg = cls(**{n: d[n] for n in fields if d.get(n) is not None})
         cfg.validate(where)
@@ -528,7 +528,7 @@ class Selector:
         if mode not in INDEXERS:
             raise InputError(f"indexer {mode!r} is not one of {', '.join(INDEXERS)}")
         for what, v in (("HISA block size", block_size), ("HISA blocks kept", blocks)):
-            if v is not None and not (isinstance(v, (int, np.integer)) and v >= 1):
+            if v is not None and not is_whole(v, 1):
                 raise InputError(f"{what} {v}: a whole number, at least 1")
         K = cfg.index_topk
         self.mode, self.K = mode, K
@@ -660,13 +660,16 @@ def select_device(device):
 # ----------------------------------------------------------------------------------------------------
 # Generation
 
-def check_sampling(temperature, top_p, seed):
-    """InputError unless temperature >= 0 (0: greedy), 0 < top_p <= 1 (1: no cut) and seed is an integer >= 0."""
+def check_request(max_new_tokens, temperature, top_p, seed):
+    """InputError unless at least one token is asked for, temperature >= 0 (0: greedy), 0 < top_p <= 1 (1: no
+    cut) and seed is an integer >= 0: what can be checked before the model is loaded."""
+    if max_new_tokens < 1:
+        raise InputError(f"max new tokens {max_new_tokens}: at least 1")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise InputError(f"temperature {temperature}: a finite number >= 0 (0 decodes greedily)")
     if not 0 < top_p <= 1:  # false for NaN too
         raise InputError(f"top-p {top_p}: in (0, 1] (1 keeps every token)")
-    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+    if not is_whole(seed):
         raise InputError(f"seed {seed}: a whole number >= 0")
 
 
@@ -674,8 +677,6 @@ def check_length(cfg, n, max_new_tokens):
     """InputError unless the prompt has tokens and prompt plus new tokens fit the model's positions."""
     if n == 0:
         raise InputError("the prompt is empty (0 tokens)")
-    if max_new_tokens < 1:
-        raise InputError(f"max new tokens {max_new_tokens}: at least 1")
     if n + max_new_tokens > cfg.max_position_embeddings:
         raise InputError(f"prompt has {n} tokens and {max_new_tokens} more were asked for: "
                          f"{n + max_new_tokens} > max_position_embeddings {cfg.max_position_embeddings}")
@@ -702,8 +703,8 @@ def generate(model, prompt_ids, max_new_tokens, selector, temperature=0.0, top_p
     """Prefill the prompt, then decode one token at a time. Returns (new ids, stats)."""
     cfg = model.cfg
     n = len(prompt_ids)
+    check_request(max_new_tokens, temperature, top_p, seed)
     check_length(cfg, n, max_new_tokens)
-    check_sampling(temperature, top_p, seed)
     rng = np.random.default_rng(seed)
     cache = model.new_cache(n + max_new_tokens)
     t0 = time.perf_counter()
@@ -763,13 +764,11 @@ def run(args):
         from weights.random_checkpoint import write_random_checkpoint
         print(f"writing the random-weights demo checkpoint to {args.ckpt}", file=sys.stderr)
         write_random_checkpoint(args.ckpt)
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens}: at least 1")
     if args.chunk < 1:
         raise InputError(f"--chunk {args.chunk}: at least 1")
     if not args.prompt:
         raise InputError("the prompt is empty (0 characters)")
-    check_sampling(args.temperature, args.top_p, args.seed)
+    check_request(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     cfg, model, ckpt = load(args.ckpt, args.device, args.precision, weights=args.weights, gpus=args.gpus)
     tok = Tokenizer(ckpt.tokenizer_path)
     if args.chat:

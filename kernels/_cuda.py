@@ -197,6 +197,11 @@ def check(cond, message):
         raise ValueError(message() if callable(message) else message)
 
 
+def is_whole(v, least=0):
+    """v is an integer (Python or numpy, not a bool) and at least `least`: a count, a size, a seed."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+
+
 def check_array(a, name, dtype, ndim=None, shape=None):
     """A launcher argument must be a contiguous CuPy array of this dtype (and rank/shape).
 

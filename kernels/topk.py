@@ -17,7 +17,7 @@ import functools
 
 import numpy as np
 
-from kernels._cuda import check, check_array, is_gpu, kernel, want, zeroed_counters
+from kernels._cuda import check, check_array, is_gpu, is_whole, kernel, want, zeroed_counters
 from kernels.hisa_tokens import slots_to_positions_reference
 
 THREADS = 512           # per CTA, two CTAs per SM (topk.cu)
@@ -47,7 +47,7 @@ def topk_reference(scores, k, lengths=None):
     s = np.asarray(scores)
     check(s.ndim == 2, lambda: f"topk: scores of shape {s.shape}, expected [rows, columns]")
     R, N = s.shape
-    check(isinstance(k, (int, np.integer)) and k >= 0, lambda: f"topk: k = {k}, expected a whole number >= 0")
+    check(is_whole(k), lambda: f"topk: k = {k}, expected a whole number >= 0")
     if lengths is not None:
         L = np.asarray(lengths.get() if is_gpu(lengths) else lengths)
         check(L.size == R and L.dtype.kind in "iu",
@@ -209,8 +209,7 @@ def topk(scores, k, lengths=None, *, blocks=None, B=None, ends=None):
     """Top-k columns [R, k] of each row (the module docstring); with blocks, B (and ends), their positions."""
     if is_gpu(scores):
         return topk_gpu(scores, k, lengths, blocks=blocks, B=B, ends=ends)
-    check(np.ndim(scores) == 2, lambda: f"topk: scores of shape {np.shape(scores)}, expected [rows, columns]")
+    out = topk_reference(scores, k, lengths)  # checks scores, k and lengths
     B = _check_map(np.shape(scores)[1], blocks, B, ends)
-    out = topk_reference(scores, k, lengths)
     return out if blocks is None else slots_to_positions_reference(out, np.asarray(blocks), B,
                                                                    None if ends is None else np.asarray(ends))
